@@ -1,0 +1,18 @@
+"""Test-wide JAX settings: 8 simulated CPU devices and strict rank promotion.
+
+XLA_FLAGS must be set before jax initializes its backends, so this runs at import time of the
+conftest, before any test module imports jax.
+"""
+
+import os
+
+_DEVICE_FLAG = "--xla_force_host_platform_device_count=8"
+if _DEVICE_FLAG not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_DEVICE_FLAG}".strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+# Implicit rank promotion hides shape bugs (a [B] added to a [B, T] silently broadcasts):
+# make it an error everywhere in the tests.
+jax.config.update("jax_numpy_rank_promotion", "raise")
