@@ -1,0 +1,1 @@
+"""The `algorithmic` TFDS builder (see algorithmic_dataset_builder.py)."""

@@ -1,0 +1,1 @@
+"""The `digits` TFDS builder (see digits_dataset_builder.py)."""

@@ -1,0 +1,1 @@
+"""The `listops` TFDS builder (see listops_dataset_builder.py)."""

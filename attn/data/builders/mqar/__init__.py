@@ -1,0 +1,1 @@
+"""The `mqar` TFDS builder (see mqar_dataset_builder.py)."""

@@ -1,0 +1,1 @@
+"""The `pystdlib` TFDS builder (see pystdlib_dataset_builder.py)."""

@@ -1,0 +1,191 @@
+"""Which datasets exist, where their files live, and how a split is opened.
+
+Every dataset the pipeline can read is one `DatasetSpec` in `DATASETS`, looked up by the name
+before the slash (`"pystdlib/small"` -> `DATASETS["pystdlib"]`). Embedded datasets are TFDS
+builders in `attn/data/builders/` that generate their data from what is already on the machine;
+they are prepared on first use. Remote datasets (lm1b, wmt, ...) are only ever read from a
+`data_dir` where they were prepared before: nothing here downloads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import importlib
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from absl import logging
+
+import tensorflow_datasets as tfds
+
+DATA_DIR_ENV = "ATTN_DATA_DIR"
+
+
+class DataError(ValueError):
+  """A dataset, split or data option that cannot be used as configured."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+  """How to read one dataset: its task kind, feature names, default splits and tokenizer.
+
+  `fields` maps the pipeline's roles to the dataset's feature names: `text` (lm), `inputs` and
+  `targets` (seq2seq), `inputs` and `label` (classify), `image` and `label` (vision). Feature
+  names may be paths into nested dicts written with dots (wmt: `translation.de`).
+  """
+
+  task: str  # "lm" | "seq2seq" | "classify" | "vision"
+  fields: Mapping[str, str]
+  train_split: str = "train"
+  eval_split: str = "test"
+  tokenizer: str = "byte"  # "byte" | "sentencepiece" | "ids" (pre-tokenized) | "none" (vision)
+  embedded: bool = False
+  default_config: str | None = None  # builder config used when the name has none
+  num_classes: int | None = None
+  # For pre-tokenized datasets: the ids already include pad=0 (and bos/eos where listed).
+  ids_metadata: bool = False
+
+
+DATASETS: dict[str, DatasetSpec] = {
+  # Embedded: generated or built from data already on the machine.
+  "pystdlib": DatasetSpec(
+    "lm", {"text": "text"}, eval_split="validation", embedded=True, default_config="small"
+  ),
+  "mqar": DatasetSpec(
+    "lm", {"inputs": "inputs", "targets": "targets"}, tokenizer="ids", embedded=True,
+    default_config="default", ids_metadata=True,
+  ),
+  "listops": DatasetSpec(
+    "classify", {"inputs": "inputs", "label": "label"}, eval_split="validation", tokenizer="ids",
+    embedded=True, default_config="small", num_classes=10, ids_metadata=True,
+  ),
+  "algorithmic": DatasetSpec(
+    "seq2seq", {"inputs": "inputs", "targets": "targets"}, tokenizer="ids", embedded=True,
+    default_config="reverse", ids_metadata=True,
+  ),
+  "cldr_translate": DatasetSpec(
+    "seq2seq", {"inputs": "en", "targets": "target"}, embedded=True, default_config="en_de"
+  ),
+  "digits": DatasetSpec(
+    "vision", {"image": "image", "label": "label"}, tokenizer="none", embedded=True,
+    num_classes=10,
+  ),
+  # Remote: read from a data_dir (a bucket on a TPU VM) where they were prepared.
+  "lm1b": DatasetSpec("lm", {"text": "text"}),
+  "tiny_shakespeare": DatasetSpec("lm", {"text": "text"}),
+  "wmt14_translate": DatasetSpec(
+    "seq2seq", {"inputs": "en", "targets": "de"}, eval_split="validation", default_config="de-en"
+  ),
+  "wmt17_translate": DatasetSpec(
+    "seq2seq", {"inputs": "en", "targets": "de"}, eval_split="validation", default_config="de-en"
+  ),
+  "imdb_reviews": DatasetSpec("classify", {"inputs": "text", "label": "label"}, num_classes=2),
+  "glue": DatasetSpec(
+    "classify", {"inputs": "sentence", "label": "label"}, eval_split="validation",
+    default_config="sst2", num_classes=2,
+  ),
+  "cifar10": DatasetSpec(
+    "vision", {"image": "image", "label": "label"}, tokenizer="none", num_classes=10
+  ),
+  "imagenet2012": DatasetSpec(
+    "vision", {"image": "image", "label": "label"}, eval_split="validation", tokenizer="none",
+    num_classes=1000,
+  ),
+}
+
+
+def parse_name(name: str) -> tuple[str, DatasetSpec, str]:
+  """Splits `"base/config"` and returns (base, spec, full TFDS name with a config if any)."""
+  base, _, config = name.partition("/")
+  if base not in DATASETS:
+    raise DataError(f"Unknown dataset {name!r}. Known datasets: {', '.join(sorted(DATASETS))}.")
+  spec = DATASETS[base]
+  config = config or spec.default_config
+  return base, spec, f"{base}/{config}" if config else base
+
+
+def default_data_dir() -> str:
+  """$ATTN_DATA_DIR if set, else ~/.cache/attn/tensorflow_datasets."""
+  return os.environ.get(DATA_DIR_ENV) or os.path.join(
+    os.path.expanduser("~"), ".cache", "attn", "tensorflow_datasets"
+  )
+
+
+def _import_builder(base: str) -> None:
+  # Importing the module registers the builder class with TFDS under its snake-case name.
+  importlib.import_module(f"attn.data.builders.{base}.{base}_dataset_builder")
+
+
+@contextlib.contextmanager
+def _file_lock(path: str) -> Iterator[None]:
+  """An exclusive advisory lock, so that parallel test workers prepare a dataset only once."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def file_lock(data_dir: str, key: str) -> contextlib.AbstractContextManager[None]:
+  """The lock for preparing `key` (a dataset or tokenizer) inside `data_dir`."""
+  return _file_lock(os.path.join(data_dir, ".locks", key.replace("/", "__") + ".lock"))
+
+
+def get_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
+  """The TFDS builder for `name`; embedded ones are prepared here on first use."""
+  base, spec, full = parse_name(name)
+  data_dir = data_dir or default_data_dir()
+  if not spec.embedded:
+    return tfds.builder(full, data_dir=data_dir)
+  _import_builder(base)
+  builder = tfds.builder(full, data_dir=data_dir, file_format="array_record")
+  if not builder.is_prepared():
+    # TFDS writes into a temporary folder and renames it when done; the lock stops a second
+    # process from generating the same data at the same time.
+    with file_lock(data_dir, full):
+      builder = tfds.builder(full, data_dir=data_dir, file_format="array_record")
+      if not builder.is_prepared():
+        logging.info("Preparing embedded dataset %s in %s", full, data_dir)
+        builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+        )
+  return builder
+
+
+def _not_prepared_message(full: str, data_dir: str, split: str) -> str:
+  return (
+    f"Dataset {full!r} (split {split!r}) is not prepared in data_dir={data_dir!r}, and attn never "
+    "downloads at run time. Point config.data.data_dir at a folder or bucket where it was "
+    "prepared with file_format=array_record, e.g. on a TPU VM: "
+    "--config.data.data_dir=gs://YOUR_BUCKET/tensorflow_datasets (or export "
+    f"{DATA_DIR_ENV}=gs://YOUR_BUCKET/tensorflow_datasets). To prepare it once on a machine with "
+    f"network: `tfds build {full} --data_dir=... --file_format=array_record`."
+  )
+
+
+def open_source(name: str, split: str, data_dir: str | None = None) -> Any:
+  """A random-access TFDS data source for one split (array_record, no TensorFlow)."""
+  _, spec, full = parse_name(name)
+  data_dir = data_dir or default_data_dir()
+  builder = get_builder(name, data_dir)
+  try:
+    source = builder.as_data_source(split=split)
+  except Exception as e:  # TFDS raises several types here (NotImplementedError, ValueError, ...).
+    if not spec.embedded and not builder.is_prepared():
+      raise DataError(_not_prepared_message(full, data_dir, split)) from e
+    raise DataError(f"Cannot open split {split!r} of {full!r} in {data_dir!r}: {e}") from e
+  if len(source) == 0:
+    raise DataError(f"Split {split!r} of {full!r} in {data_dir!r} is empty: nothing to read.")
+  return source
+
+
+def get_feature(example: Mapping[str, Any], path: str) -> Any:
+  """Reads a feature by name; dots walk into nested feature dicts."""
+  for key in path.split("."):
+    example = example[key]
+  return example
