@@ -1,4 +1,4 @@
-"""Data: embedded TFDS datasets that need no download, tokenizers, and deterministic Grain pipelines.
+"""Data: embedded TFDS datasets (no download), tokenizers, and deterministic Grain pipelines.
 
 The entry point is `make_iterators(config.data, global_batch_size=..., seed=...)`; the batch
 format and every `config.data` field are documented in `attn.data.pipeline`. Datasets are listed

@@ -10,8 +10,9 @@ Order of operations (each process reads only its own slice of the records):
 `tfds.data_source` -> slice [process_index::process_count] -> global shuffle (seed, reshuffled
 every epoch) -> repeat forever (train) -> tokenize -> LM windows -> pack (first-fit) or pad ->
 batch -> optional worker processes. Same config + seed = same batches; restoring an iterator's
-state continues with exactly the next batch. The state is per process: restoring it with a
-different process count or pipeline is refused by Grain with an error (re-derive instead).
+state continues with exactly the next batch. The state is per process and only means something
+for the same config, process_index, process_count and num_workers: Grain does not check this,
+so the trainer must store one state per process and refuse a restore with another count.
 
 Batch format (B = global_batch_size // process_count rows; T = seq_len; 0 is always padding):
 - lm:       inputs, targets [B, T] int32 (targets = inputs shifted by one within each document),
@@ -53,6 +54,7 @@ from typing import Any
 import grain
 import ml_collections
 import numpy as np
+from absl import flags
 
 from attn.data import registry, transforms
 from attn.data.registry import DataError, DatasetSpec
@@ -194,6 +196,10 @@ def _pipeline(plan: _Plan, source: Any, *, train: bool, process_index: int,
   task = plan.spec.task
   ids = ids.map(lambda b: transforms.finalize_batch(b, task))
   if plan.num_workers > 0:
+    # Grain's workers read absl flags; outside an absl app (tests, notebooks) they were never
+    # parsed, so take their defaults instead of failing.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
     ids = ids.mp_prefetch(grain.MultiprocessingOptions(num_workers=plan.num_workers))
   return ids
 

@@ -17,9 +17,8 @@ import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from absl import logging
-
 import tensorflow_datasets as tfds
+from absl import logging
 
 DATA_DIR_ENV = "ATTN_DATA_DIR"
 
@@ -45,8 +44,9 @@ class DatasetSpec:
   embedded: bool = False
   default_config: str | None = None  # builder config used when the name has none
   num_classes: int | None = None
-  # For pre-tokenized datasets: the ids already include pad=0 (and bos/eos where listed).
-  ids_metadata: bool = False
+  # Legacy TFDS builders register only when their module is imported, and without TensorFlow
+  # TFDS does not import them by itself.
+  module: str | None = None
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -56,15 +56,15 @@ DATASETS: dict[str, DatasetSpec] = {
   ),
   "mqar": DatasetSpec(
     "lm", {"inputs": "inputs", "targets": "targets"}, tokenizer="ids", embedded=True,
-    default_config="default", ids_metadata=True,
+    default_config="default",
   ),
   "listops": DatasetSpec(
     "classify", {"inputs": "inputs", "label": "label"}, eval_split="validation", tokenizer="ids",
-    embedded=True, default_config="small", num_classes=10, ids_metadata=True,
+    embedded=True, default_config="small", num_classes=10,
   ),
   "algorithmic": DatasetSpec(
     "seq2seq", {"inputs": "inputs", "targets": "targets"}, tokenizer="ids", embedded=True,
-    default_config="reverse", ids_metadata=True,
+    default_config="reverse",
   ),
   "cldr_translate": DatasetSpec(
     "seq2seq", {"inputs": "en", "targets": "target"}, embedded=True, default_config="en_de"
@@ -77,15 +77,17 @@ DATASETS: dict[str, DatasetSpec] = {
   "lm1b": DatasetSpec("lm", {"text": "text"}),
   "tiny_shakespeare": DatasetSpec("lm", {"text": "text"}),
   "wmt14_translate": DatasetSpec(
-    "seq2seq", {"inputs": "en", "targets": "de"}, eval_split="validation", default_config="de-en"
+    "seq2seq", {"inputs": "en", "targets": "de"}, eval_split="validation", default_config="de-en",
+    module="tensorflow_datasets.translate.wmt14",
   ),
   "wmt17_translate": DatasetSpec(
-    "seq2seq", {"inputs": "en", "targets": "de"}, eval_split="validation", default_config="de-en"
+    "seq2seq", {"inputs": "en", "targets": "de"}, eval_split="validation", default_config="de-en",
+    module="tensorflow_datasets.translate.wmt17",
   ),
   "imdb_reviews": DatasetSpec("classify", {"inputs": "text", "label": "label"}, num_classes=2),
   "glue": DatasetSpec(
     "classify", {"inputs": "sentence", "label": "label"}, eval_split="validation",
-    default_config="sst2", num_classes=2,
+    default_config="sst2", num_classes=2, module="tensorflow_datasets.text.glue",
   ),
   "cifar10": DatasetSpec(
     "vision", {"image": "image", "label": "label"}, tokenizer="none", num_classes=10
@@ -141,6 +143,8 @@ def get_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuil
   base, spec, full = parse_name(name)
   data_dir = data_dir or default_data_dir()
   if not spec.embedded:
+    if spec.module:
+      importlib.import_module(spec.module)
     return tfds.builder(full, data_dir=data_dir)
   _import_builder(base)
   builder = tfds.builder(full, data_dir=data_dir, file_format="array_record")
@@ -168,11 +172,24 @@ def _not_prepared_message(full: str, data_dir: str, split: str) -> str:
   )
 
 
+def _check_split(builder: tfds.core.DatasetBuilder, full: str, split: str, data_dir: str) -> None:
+  """Clear errors for an unknown or empty split, before TFDS gives a cryptic one."""
+  known = ", ".join(sorted(builder.info.splits))
+  try:
+    num = builder.info.splits[split].num_examples
+  except (KeyError, ValueError, AssertionError) as e:
+    raise DataError(f"Split {split!r} is not in {full!r}: its splits are {known}.") from e
+  if num == 0:
+    raise DataError(f"Split {split!r} of {full!r} in {data_dir!r} is empty: nothing to read.")
+
+
 def open_source(name: str, split: str, data_dir: str | None = None) -> Any:
   """A random-access TFDS data source for one split (array_record, no TensorFlow)."""
   _, spec, full = parse_name(name)
   data_dir = data_dir or default_data_dir()
   builder = get_builder(name, data_dir)
+  if builder.is_prepared():
+    _check_split(builder, full, split, data_dir)
   try:
     source = builder.as_data_source(split=split)
   except Exception as e:  # TFDS raises several types here (NotImplementedError, ValueError, ...).

@@ -115,10 +115,10 @@ class LMWindows(grain.experimental.FlatMapTransform):
     tokens = element["tokens"]
     # Pair t predicts tokens[t + 1], so a document of n tokens gives n - 1 pairs; consecutive
     # windows overlap by one token (the last target of one is the first input of the next).
+    inputs, targets = tokens[:-1], tokens[1:]
     return [
-      {"inputs": tokens[start:start + self.seq_len],
-       "targets": tokens[start + 1:start + 1 + self.seq_len]}
-      for start in range(0, len(tokens) - 1, self.seq_len)
+      {"inputs": inputs[start:start + self.seq_len], "targets": targets[start:start + self.seq_len]}
+      for start in range(0, len(inputs), self.seq_len)
     ]
 
 
@@ -178,6 +178,6 @@ def pad_batch(batch: Mapping[str, np.ndarray], batch_size: int) -> dict[str, np.
   """Pads a short final batch with all-padding rows up to `batch_size`."""
   out = {}
   for key, value in batch.items():
-    pad = batch_size - value.shape[0]
-    out[key] = np.concatenate([value, np.zeros((pad, *value.shape[1:]), value.dtype)]) if pad else value
+    pad = np.zeros((batch_size - value.shape[0], *value.shape[1:]), value.dtype)
+    out[key] = np.concatenate([value, pad])
   return out

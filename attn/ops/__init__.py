@@ -1,6 +1,6 @@
 """Pure JAX attention ops: no Flax, no config objects. Layout [batch, seq, heads, head_dim]."""
 
-from attn.ops import masks, reference
+from attn.ops import masks, positions, reference
 from attn.ops.attention import (
     IMPLEMENTATIONS,
     available_implementations,
@@ -12,5 +12,6 @@ __all__ = [
     "available_implementations",
     "dot_product_attention",
     "masks",
+    "positions",
     "reference",
 ]

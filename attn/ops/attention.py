@@ -129,7 +129,8 @@ def dot_product_attention(
       prefix_lengths, chunk_size))
   out, weights = _xla_attention(
       query, key, value, bias, full_mask, scale=scale, softcap=softcap,
-      zero_empty_rows=full_mask is not None and not only_causal, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+      zero_empty_rows=full_mask is not None and not only_causal, dropout_rate=dropout_rate,
+      dropout_rng=dropout_rng,
   )
   if unbatched:
     out, weights = out[0], weights[0]
@@ -262,6 +263,10 @@ def _log_fallback_once(reason: str) -> None:
   _log.info("dot_product_attention: using 'xla' instead of 'cudnn' because %s.", reason)
 
 
+def _divisors(n: int) -> list[int]:
+  return [d for d in range(1, n + 1) if n % d == 0]
+
+
 def _shape(x) -> tuple[int, ...]:
   return tuple(np.shape(x))
 
@@ -298,7 +303,7 @@ def _check_inputs(query, key, value, bias, mask, query_seq_lengths, key_value_se
   if num_heads % num_kv_heads:
     raise ValueError(
         f"query heads ({num_heads}) must be a multiple of key/value heads ({num_kv_heads}) for "
-        f"GQA/MQA; e.g. num_kv_heads in {[d for d in range(1, num_heads + 1) if num_heads % d == 0]}."
+        f"GQA/MQA; e.g. num_kv_heads in {_divisors(num_heads)}."
     )
   logits_shape = (batch, num_heads, q_len, kv_len)
   if mask is not None:
@@ -307,7 +312,8 @@ def _check_inputs(query, key, value, bias, mask, query_seq_lengths, key_value_se
           f"mask must be boolean (True = attend), got {jnp.result_type(mask)}; pass additive "
           f"masks as bias=, or convert with mask.astype(bool)."
       )
-    _check_broadcastable("mask", mask, logits_shape, "E.g. a [B, S] key mask is mask[:, None, None, :].")
+    _check_broadcastable("mask", mask, logits_shape,
+                         "E.g. a [B, S] key mask is mask[:, None, None, :].")
   if bias is not None:
     _check_broadcastable("bias", bias, logits_shape, "E.g. a [N, T, S] bias is bias[None].")
   for name, lengths in (("query_seq_lengths", query_seq_lengths),

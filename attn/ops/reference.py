@@ -1,4 +1,5 @@
-"""The reference attention: slow, obvious, float32 throughout. Every other path is tested against it.
+"""The reference attention: slow, obvious, float32 throughout; every other path is tested
+against it.
 
 Shapes: B batch, T query length, S key length, N query heads, K key/value heads, H head dim.
 """

@@ -6,16 +6,17 @@ What it is: nested prefix expressions over the digits 0-9 with four operators, M
 hierarchy across long sequences; LRA reports ~37% for a vanilla Transformer at length 2K.
 
 Generation follows the published LRA definition: a node below the maximum depth is an operator
-with 2..`max_args` children with probability 0.75 (else a digit); expressions whose token count
+with 2..`max_args` children with probability 0.25 (else a digit); expressions whose token count
 falls outside [min_len, max_len] are rejected and drawn again. Seeded, so deterministic.
 
 Features: `inputs` (token ids, variable length), `text` (the expression) and `label` (0-9).
 Ids: 0/1/2 pad/bos/eos (unused), digits 0-9 -> 3..12, `[MIN` 13, `[MAX` 14, `[MED` 15,
 `[SM` 16, `]` 17; vocab 18 (in the metadata).
 
-Configs (train/validation/test): `tiny` (depth 4, 5 args, length 8-64; 1,000/100/100),
-`small` (depth 6, 6 args, length 32-512; 5,000/500/500), `lra` (the LRA setting: depth 10, 10
-args, length 500-2,000; 96,000/2,000/2,000; takes several minutes to generate).
+Configs (train/validation/test): `tiny` (depth 4, 5 args, length 8-64, mean ~18;
+1,000/100/100), `small` (depth 6, 6 args, length 32-512, mean ~56; 5,000/500/500), `lra` (the
+LRA setting: depth 10, 10 args, length 500-2,000, mean ~1,050; 96,000/2,000/2,000; about 6
+minutes to generate on one core).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import tensorflow_datasets as tfds
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
 VOCAB = tuple(str(d) for d in range(10)) + OPERATORS + ("]",)
 TOKEN_IDS = {token: i + 3 for i, token in enumerate(VOCAB)}
-_BRANCH_P = 0.75
+_BRANCH_P = 0.25  # LRA: a node is a digit with probability 0.75 (VALUE_P = 0.25 branches).
 
 
 class ListopsConfig(tfds.core.BuilderConfig):

@@ -1,0 +1,206 @@
+"""MultiHeadAttention: projections, RoPE, QK-norm and a KV cache around `dot_product_attention`.
+
+Shapes: B batch, T query length, S key length, D model features, N query heads, K key/value
+heads, H head dim. Parameters follow `flax.linen.MultiHeadDotProductAttention` (query, key,
+value, out DenseGeneral kernels `[D, N, H]`, `[D, K, H]`, `[D, K, H]`, `[N, H, D]`), so weights
+move between the two, and carry logical axis names for sharding.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from attn.ops import masks as masks_lib
+from attn.ops import positions as positions_lib
+from attn.ops import reference
+from attn.ops.attention import dot_product_attention
+
+Array = jax.Array
+Initializer = Callable[..., Array]
+
+# Mask keywords that describe positions; under a KV cache they are rebuilt for the cache slots.
+_POSITIONAL_MASKS = ("is_causal", "local_window_size", "prefix_lengths", "chunk_size")
+
+
+class MultiHeadAttention(nn.Module):
+  """Multi-head attention (Vaswani et al. 2017) with GQA/MQA, RoPE, QK-norm, soft-cap, KV cache.
+
+  Attributes:
+    num_heads: query heads N.
+    num_kv_heads: key/value heads K (None = N: MHA; 1 < K < N: GQA; 1: MQA).
+    head_dim: H (None = D // N).
+    out_features: output features (None = the input's D).
+    use_bias: biases on the four projections.
+    dropout_rate: dropout on the attention weights (training only).
+    qk_norm: RMS-normalize queries and keys per head before the dot product (ViT-22B;
+      stabilizes large-scale training).
+    softcap: logit soft-capping value (Gemma 2), or None.
+    rope_base: apply rotary embeddings (RoFormer) with this base to q and k, or None.
+    rope_fraction: fraction of head_dim that RoPE rotates (partial rotary, GPT-NeoX).
+    scale: logit scale (None = 1 / sqrt(H)).
+    implementation: passed to `dot_product_attention` ('xla', 'cudnn', None = best).
+    decode: keep a KV cache in the 'cache' collection (self-attention only). `init` with an
+      input of the maximum length sizes the cache; every later apply (mutable=['cache'])
+      appends its tokens and attends to everything cached so far.
+    record_weights: sow the attention weights `[B, N, T, S]` (float32) into 'intermediates',
+      recomputed on the reference path so they exist whichever kernel ran.
+    dtype: computation dtype (None = input's). param_dtype: parameter dtype.
+  """
+
+  num_heads: int
+  num_kv_heads: int | None = None
+  head_dim: int | None = None
+  out_features: int | None = None
+  use_bias: bool = True
+  dropout_rate: float = 0.0
+  qk_norm: bool = False
+  softcap: float | None = None
+  rope_base: float | None = None
+  rope_fraction: float = 1.0
+  scale: float | None = None
+  implementation: str | None = None
+  decode: bool = False
+  record_weights: bool = False
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  kernel_init: Initializer = nn.initializers.lecun_normal()
+  bias_init: Initializer = nn.initializers.zeros_init()
+
+  def _projection(self, heads: int, head_dim: int, heads_axis: str, name: str) -> nn.DenseGeneral:
+    return nn.DenseGeneral(
+        features=(heads, head_dim), axis=-1, use_bias=self.use_bias, dtype=self.dtype,
+        param_dtype=self.param_dtype, name=name,
+        kernel_init=nn.with_logical_partitioning(self.kernel_init,
+                                                 ("embed", heads_axis, "head_dim")),
+        bias_init=nn.with_logical_partitioning(self.bias_init, (heads_axis, "head_dim")),
+    )
+
+  @nn.compact
+  def __call__(
+      self,
+      inputs_q: Array,
+      inputs_kv: Array | None = None,
+      *,
+      mask: Array | None = None,
+      bias: Array | None = None,
+      q_positions: Array | None = None,
+      kv_positions: Array | None = None,
+      deterministic: bool = True,
+      **mask_kwargs: Any,
+  ) -> Array:
+    """Attend from `inputs_q` `[B, T, D]` to `inputs_kv` `[B, S, D]` (self-attention if None).
+
+    Args:
+      inputs_q: queries' inputs.
+      inputs_kv: keys' and values' inputs, or None for self-attention.
+      mask: boolean `[B|1, N|1, T, S]`, True = attend.
+      bias: additive logits bias `[B|1, N|1, T, S]` (ALiBi, T5 relative positions).
+      q_positions: int `[B, T]` positions for RoPE (default 0..T-1, or the cache slots when
+        decoding); pass per-segment positions for packed sequences.
+      kv_positions: int `[B, S]` positions of the keys (default: q_positions for self-attention).
+      deterministic: disables dropout.
+      **mask_kwargs: any mask keyword of `attn.ops.dot_product_attention` (is_causal,
+        query_seq_lengths, key_value_seq_lengths, local_window_size, segment_ids,
+        prefix_lengths, chunk_size).
+
+    Returns:
+      `[B, T, out_features or D]`.
+    """
+    features = inputs_q.shape[-1]
+    num_kv_heads = self.num_kv_heads or self.num_heads
+    head_dim = self.head_dim or features // self.num_heads
+    if not self.head_dim and features % self.num_heads:
+      raise ValueError(f"features {features} must be divisible by num_heads {self.num_heads} "
+                       f"when head_dim is not given; set head_dim explicitly.")
+    if self.num_heads % num_kv_heads:
+      raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                       f"({num_kv_heads}).")
+    self_attention = inputs_kv is None
+    inputs_kv = inputs_q if self_attention else inputs_kv
+
+    query = self._projection(self.num_heads, head_dim, "heads", "query")(inputs_q)
+    key = self._projection(num_kv_heads, head_dim, "kv_heads", "key")(inputs_kv)
+    value = self._projection(num_kv_heads, head_dim, "kv_heads", "value")(inputs_kv)
+    if self.qk_norm:
+      query = _head_rms_norm(self.param_dtype, "query_norm")(query)
+      key = _head_rms_norm(self.param_dtype, "key_norm")(key)
+
+    cache_index = None
+    if self.decode and self_attention and self.has_variable("cache", "cache_index"):
+      cache_index = self.get_variable("cache", "cache_index")
+    if self.rope_base is not None:
+      if q_positions is None:
+        start = 0 if cache_index is None else cache_index
+        q_positions = jnp.broadcast_to(start + jnp.arange(query.shape[1]), query.shape[:2])
+      if kv_positions is None:
+        kv_positions = q_positions if self_attention else jnp.broadcast_to(
+            jnp.arange(key.shape[1]), key.shape[:2])
+      query = positions_lib.apply_rope(query, q_positions, base=self.rope_base,
+                                       fraction=self.rope_fraction)
+      key = positions_lib.apply_rope(key, kv_positions, base=self.rope_base,
+                                     fraction=self.rope_fraction)
+    query = nn.with_logical_constraint(query, ("batch", "length", "heads", "head_dim"))
+    key = nn.with_logical_constraint(key, ("batch", "length", "kv_heads", "head_dim"))
+    value = nn.with_logical_constraint(value, ("batch", "length", "kv_heads", "head_dim"))
+
+    if self.decode and self_attention:
+      key, value, mask, mask_kwargs = self._update_cache(key, value, mask, mask_kwargs)
+
+    attention_kwargs = dict(bias=bias, mask=mask, scale=self.scale, softcap=self.softcap,
+                            **mask_kwargs)
+    dropout = self.dropout_rate > 0.0 and not deterministic
+    out = dot_product_attention(
+        query, key, value, implementation=self.implementation,
+        dropout_rate=self.dropout_rate if dropout else 0.0,
+        dropout_rng=self.make_rng("dropout") if dropout else None, **attention_kwargs)
+    if self.record_weights:
+      _, weights = reference.attention(query, key, value, return_weights=True, **attention_kwargs)
+      self.sow("intermediates", "attention_weights", weights)
+
+    out = nn.DenseGeneral(
+        features=self.out_features or features, axis=(-2, -1), use_bias=self.use_bias,
+        dtype=self.dtype, param_dtype=self.param_dtype, name="out",
+        kernel_init=nn.with_logical_partitioning(self.kernel_init,
+                                                 ("heads", "head_dim", "embed")),
+        bias_init=nn.with_logical_partitioning(self.bias_init, ("embed",)),
+    )(out)
+    return nn.with_logical_constraint(out, ("batch", "length", "embed"))
+
+  def _update_cache(self, key: Array, value: Array, mask: Array | None,
+                    mask_kwargs: dict) -> tuple[Array, Array, Array | None, dict]:
+    """Write the new keys/values at the cache index; mask out the slots not written yet.
+
+    The first call (at init) only creates a cache as long as its input. Each later call with
+    L new tokens attends from query i (cache slot index + i) to slots <= index + i: the
+    causal mask aligned bottom-right, plus any window / prefix / chunk mask, on cache slots.
+    """
+    initialized = self.has_variable("cache", "cached_key")
+    cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
+    cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
+    cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+    if not initialized:
+      return key, value, mask, mask_kwargs
+    if mask_kwargs.get("segment_ids") is not None:
+      raise ValueError("segment_ids (packed sequences) are not supported with decode=True; "
+                       "decode one sequence per batch row.")
+    index, step_len, max_len = cache_index.value, key.shape[1], cached_key.value.shape[1]
+    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, (0, index, 0, 0))
+    cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value, (0, index, 0, 0))
+    cache_index.value = index + step_len
+    positional = {name: mask_kwargs.pop(name) for name in _POSITIONAL_MASKS if name in mask_kwargs}
+    positional["is_causal"] = True  # slots past index + i are empty or in the future
+    slots_mask = masks_lib.make_attention_mask(step_len, max_len, q_offset=index, **positional)
+    # A prefix may reach past the slots written so far: those hold zeros, never attend to them.
+    written = masks_lib.causal_mask(1, max_len, q_offset=index + step_len - 1)
+    return (cached_key.value, cached_value.value, masks_lib.and_masks(mask, slots_mask, written),
+            mask_kwargs)
+
+
+def _head_rms_norm(param_dtype: Any, name: str) -> nn.RMSNorm:
+  """RMSNorm over head_dim with one learned scale per channel, shared by the heads."""
+  return nn.RMSNorm(epsilon=1e-6, param_dtype=param_dtype, name=name,
+                    scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(),
+                                                            ("head_dim",)))

@@ -1,0 +1,49 @@
+"""Float64 NumPy attention with a hand-written backward pass: the independent oracle of the tests.
+
+It shares no code with attn: masks are explicit boolean predicates, masked logits are -inf and
+fully masked rows are set to zero by hand, gradients come from the closed-form softmax backward.
+Shapes: q [B, T, N, H], k [B, S, K, H], v [B, S, K, Hv], mask / bias [B, N, T, S].
+"""
+
+import numpy as np
+
+
+def attention(q, k, v, *, mask=None, bias=None, scale=None, softcap=None, dout=None):
+  """Output [B, T, N, Hv] and weights [B, N, T, S]; with `dout`, also (dq, dk, dv)."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  batch, q_len, num_heads, head_dim = q.shape
+  kv_len, num_kv_heads = k.shape[1], k.shape[2]
+  groups = num_heads // num_kv_heads
+  k_rep, v_rep = np.repeat(k, groups, axis=2), np.repeat(v, groups, axis=2)
+  scale = 1.0 / np.sqrt(head_dim) if scale is None else scale
+
+  scores = np.einsum("btnh,bsnh->bnts", q, k_rep) * scale
+  capped = softcap * np.tanh(scores / softcap) if softcap else scores
+  logits = capped + (0.0 if bias is None else np.asarray(bias, np.float64))
+  full = np.ones((batch, num_heads, q_len, kv_len), bool)
+  mask = full if mask is None else np.broadcast_to(mask, full.shape)
+  valid = mask.any(axis=-1, keepdims=True)
+  row_max = np.where(valid, np.max(np.where(mask, logits, -np.inf), -1, keepdims=True), 0.0)
+  e = np.where(mask, np.exp(np.where(mask, logits - row_max, 0.0)), 0.0)
+  p = e / np.where(valid, e.sum(-1, keepdims=True), 1.0)
+  out = np.einsum("bnts,bsnh->btnh", p, v_rep)
+  if dout is None:
+    return out, p
+
+  dout = np.asarray(dout, np.float64)
+  dp = np.einsum("btnh,bsnh->bnts", dout, v_rep)
+  dv_rep = np.einsum("bnts,btnh->bsnh", p, dout)
+  dlogits = p * (dp - (dp * p).sum(-1, keepdims=True))
+  dscores = dlogits * (1.0 - np.tanh(scores / softcap) ** 2) if softcap else dlogits
+  dq = np.einsum("bnts,bsnh->btnh", dscores, k_rep) * scale
+  dk_rep = np.einsum("bnts,btnh->bsnh", dscores, q) * scale
+
+  def fold(x):  # sum the G query heads that share each key/value head
+    return x.reshape(batch, kv_len, num_kv_heads, groups, x.shape[-1]).sum(3)
+
+  return out, p, (dq, fold(dk_rep), fold(dv_rep))
+
+
+def positions(q_len, kv_len):
+  """Query positions [T, 1] and key positions [1, S] for predicate masks (top-left aligned)."""
+  return np.arange(q_len)[:, None], np.arange(kv_len)[None, :]
