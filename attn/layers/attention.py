@@ -6,6 +6,7 @@ value, out DenseGeneral kernels `[D, N, H]`, `[D, K, H]`, `[D, K, H]`, `[N, H, D
 move between the two, and carry logical axis names for sharding.
 """
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -69,14 +70,11 @@ class MultiHeadAttention(nn.Module):
   kernel_init: Initializer = nn.initializers.lecun_normal()
   bias_init: Initializer = nn.initializers.zeros_init()
 
-  def _projection(self, heads: int, head_dim: int, heads_axis: str, name: str) -> nn.DenseGeneral:
-    return nn.DenseGeneral(
-        features=(heads, head_dim), axis=-1, use_bias=self.use_bias, dtype=self.dtype,
-        param_dtype=self.param_dtype, name=name,
-        kernel_init=nn.with_logical_partitioning(self.kernel_init,
-                                                 ("embed", heads_axis, "head_dim")),
-        bias_init=nn.with_logical_partitioning(self.bias_init, (heads_axis, "head_dim")),
-    )
+  def _projection(self, heads: int, head_dim: int, heads_axis: str, name: str) -> "Projection":
+    return Projection(features=(heads, head_dim), in_dims=1,
+                      kernel_axes=("embed", heads_axis, "head_dim"), use_bias=self.use_bias,
+                      dtype=self.dtype, param_dtype=self.param_dtype,
+                      kernel_init=self.kernel_init, bias_init=self.bias_init, name=name)
 
   @nn.compact
   def __call__(
@@ -160,13 +158,10 @@ class MultiHeadAttention(nn.Module):
       _, weights = reference.attention(query, key, value, return_weights=True, **attention_kwargs)
       self.sow("intermediates", "attention_weights", weights)
 
-    out = nn.DenseGeneral(
-        features=self.out_features or features, axis=(-2, -1), use_bias=self.use_bias,
-        dtype=self.dtype, param_dtype=self.param_dtype, name="out",
-        kernel_init=nn.with_logical_partitioning(self.kernel_init,
-                                                 ("heads", "head_dim", "embed")),
-        bias_init=nn.with_logical_partitioning(self.bias_init, ("embed",)),
-    )(out)
+    out = Projection(features=(self.out_features or features,), in_dims=2,
+                     kernel_axes=("heads", "head_dim", "embed"), use_bias=self.use_bias,
+                     dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=self.kernel_init,
+                     bias_init=self.bias_init, name="out")(out)
     return nn.with_logical_constraint(out, ("batch", "length", "embed"))
 
   def _update_cache(self, key: Array, value: Array, mask: Array | None,
@@ -197,6 +192,45 @@ class MultiHeadAttention(nn.Module):
     written = masks_lib.causal_mask(1, max_len, q_offset=index + step_len - 1)
     return (cached_key.value, cached_value.value, masks_lib.and_masks(mask, slots_mask, written),
             mask_kwargs)
+
+
+class Projection(nn.Module):
+  """`nn.DenseGeneral` over the last `in_dims` axes, with logical axes on the unflattened kernel.
+
+  DenseGeneral initializes a flattened kernel and boxes it before reshaping, which breaks
+  logical partitioning under a mesh; this initializes the same values (the flattened fan-in)
+  and boxes the final shape. Parameter names and shapes match DenseGeneral's.
+  """
+
+  features: tuple[int, ...]
+  in_dims: int
+  kernel_axes: tuple[str, ...]
+  use_bias: bool = True
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  kernel_init: Initializer = nn.initializers.lecun_normal()
+  bias_init: Initializer = nn.initializers.zeros_init()
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    in_shape = x.shape[x.ndim - self.in_dims:]
+
+    def init(key, shape, dtype):
+      flat = (math.prod(in_shape), math.prod(self.features))
+      return self.kernel_init(key, flat, dtype).reshape(shape)
+
+    kernel = self.param("kernel", nn.with_logical_partitioning(init, self.kernel_axes),
+                        in_shape + self.features, self.param_dtype)
+    bias = None
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(
+          self.bias_init, self.kernel_axes[self.in_dims:]), self.features, self.param_dtype)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    contract = (tuple(range(x.ndim - self.in_dims, x.ndim)), tuple(range(self.in_dims)))
+    y = jax.lax.dot_general(x, kernel, (contract, ((), ())))
+    if bias is not None:
+      y = y + bias.reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
+    return y
 
 
 def _head_rms_norm(param_dtype: Any, name: str) -> nn.RMSNorm:

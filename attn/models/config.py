@@ -1,0 +1,172 @@
+"""ModelConfig: every switch a researcher ablates, typed, frozen and validated.
+
+The ConfigDict world (experiments, sweeps, `--config.model.x=v`) stops here:
+`ModelConfig.from_config(config.model)` checks every field and the models only see this
+dataclass. Each switch names the paper it comes from in the README's variant table.
+"""
+
+import dataclasses
+import typing
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections
+from ml_collections import config_dict
+
+from attn.layers.feedforward import FFN_KINDS
+from attn.layers.norms import NORMS
+from attn.ops.attention import IMPLEMENTATIONS
+
+KINDS = ("lm", "encoder_decoder", "encoder", "classifier", "vit")
+POSITIONS = ("sinusoidal", "learned", "rope", "alibi", "t5", "none")
+VIT_POSITIONS = ("sinusoidal", "learned", "none")
+NORM_PLACEMENTS = ("pre", "post", "sandwich")
+POOLINGS = ("cls", "mean", "attention")
+REMAT_POLICIES = ("none", "full", "dots")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """All model switches. Sizes: D = d_model, N = num_heads, K = num_kv_heads, H = head_dim."""
+
+  kind: str = "lm"
+  vocab_size: int = 259
+  d_model: int = 128
+  num_layers: int = 2
+  num_decoder_layers: int | None = None  # encoder_decoder: decoder depth (None = num_layers)
+  num_heads: int = 4
+  num_kv_heads: int | None = None  # None = num_heads (MHA); 1 = MQA; in between = GQA
+  head_dim: int | None = None  # None = d_model // num_heads
+  mlp_dim: int = 512
+  max_len: int = 512  # longest sequence (learned positions, KV cache size)
+  attention: str = "softmax"  # the mechanism, by name (attn.layers.MultiHeadAttention)
+  attention_impl: str | None = None  # 'xla', 'cudnn', ... or None = best available
+  local_window: int | None = None  # sliding-window self-attention: keys within this distance
+  attention_chunk: int | None = None  # chunked causal self-attention (decoders)
+  position: str = "sinusoidal"
+  rope_base: float = 10_000.0
+  rope_fraction: float = 1.0
+  t5_num_buckets: int = 32
+  t5_max_distance: int = 128
+  norm: str = "layernorm"
+  norm_placement: str = "pre"
+  norm_epsilon: float = 1e-6
+  ffn: str = "gelu"
+  use_bias: bool = True
+  dropout_rate: float = 0.0  # embeddings and residual branches
+  attention_dropout_rate: float = 0.0  # attention weights
+  qk_norm: bool = False
+  softcap: float | None = None
+  dtype: str = "float32"  # computation dtype; softmax, norms statistics and logits stay float32
+  param_dtype: str = "float32"
+  tie_embeddings: bool = True
+  scan_layers: bool = False
+  remat: str = "none"
+  num_classes: int = 2  # classifier / vit
+  pooling: str = "cls"  # classifier / vit
+  image_size: int = 8  # vit: square images
+  patch_size: int = 2
+  channels: int = 1
+
+  def __post_init__(self) -> None:
+    _check_choice("kind", self.kind, KINDS)
+    _check_choice("position", self.position, VIT_POSITIONS if self.kind == "vit" else POSITIONS)
+    _check_choice("norm", self.norm, tuple(NORMS))
+    _check_choice("norm_placement", self.norm_placement, NORM_PLACEMENTS)
+    _check_choice("ffn", self.ffn, tuple(FFN_KINDS))
+    _check_choice("pooling", self.pooling, POOLINGS)
+    _check_choice("remat", self.remat, REMAT_POLICIES)
+    _check_choice("dtype", self.dtype, DTYPES)
+    _check_choice("param_dtype", self.param_dtype, DTYPES)
+    if self.attention_impl is not None:
+      _check_choice("attention_impl", self.attention_impl, IMPLEMENTATIONS)
+    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "mlp_dim", "max_len",
+                 "num_classes", "image_size", "patch_size", "channels", "t5_num_buckets",
+                 "t5_max_distance"):
+      _check_positive(name, getattr(self, name))
+    for name in ("num_decoder_layers", "num_kv_heads", "head_dim", "local_window",
+                 "attention_chunk", "softcap"):
+      if getattr(self, name) is not None:
+        _check_positive(name, getattr(self, name))
+    for name in ("dropout_rate", "attention_dropout_rate"):
+      if not 0.0 <= getattr(self, name) < 1.0:
+        raise ValueError(f"model.{name} must be in [0, 1), got {getattr(self, name)}.")
+    if self.head_dim is None and self.d_model % self.num_heads:
+      raise ValueError(
+          f"model.d_model ({self.d_model}) must be divisible by model.num_heads "
+          f"({self.num_heads}), or set model.head_dim explicitly.")
+    if self.num_heads % self.kv_heads:
+      raise ValueError(
+          f"model.num_heads ({self.num_heads}) must be divisible by model.num_kv_heads "
+          f"({self.num_kv_heads}); divisors: "
+          f"{[d for d in range(1, self.num_heads + 1) if self.num_heads % d == 0]}.")
+    if self.position == "rope":
+      rotated = self.rope_fraction * self.head_size
+      if not 0.0 < self.rope_fraction <= 1.0 or rotated != int(rotated) or int(rotated) % 2:
+        raise ValueError(
+            f"model.rope_fraction ({self.rope_fraction}) x head size ({self.head_size}) must "
+            f"be a positive even integer <= the head size.")
+    if self.kind == "vit" and self.image_size % self.patch_size:
+      raise ValueError(f"model.image_size ({self.image_size}) must be divisible by "
+                       f"model.patch_size ({self.patch_size}).")
+    if self.attention_chunk is not None and self.kind != "lm":
+      raise ValueError("model.attention_chunk (chunked causal attention) needs kind='lm'.")
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
+
+  @property
+  def head_size(self) -> int:
+    return self.head_dim or self.d_model // self.num_heads
+
+  @property
+  def decoder_layers(self) -> int:
+    return self.num_decoder_layers or self.num_layers
+
+  @property
+  def compute_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.dtype)
+
+  @property
+  def weights_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.param_dtype)
+
+  @property
+  def num_patches(self) -> int:
+    return (self.image_size // self.patch_size) ** 2
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict | dict[str, Any]) -> "ModelConfig":
+    """Build and validate from `config.model`; unknown fields are an error naming them."""
+    values = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ValueError(f"Unknown model config field(s) {unknown}; known fields: {sorted(known)}.")
+    return cls(**values)
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """`config.model` with every field at its default; optional fields are typed placeholders
+  so that `--config.model.num_kv_heads=2` works on the command line."""
+  hints = typing.get_type_hints(ModelConfig)
+  config = ml_collections.ConfigDict()
+  for field in dataclasses.fields(ModelConfig):
+    if field.default is None:
+      inner = [t for t in typing.get_args(hints[field.name]) if t is not type(None)][0]
+      config[field.name] = config_dict.placeholder(inner)
+    else:
+      config[field.name] = field.default
+  return config
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+  if value not in allowed:
+    raise ValueError(f"model.{name}={value!r} is not one of {list(allowed)}.")
+
+
+def _check_positive(name: str, value: Any) -> None:
+  if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+    raise ValueError(f"model.{name} must be a positive number, got {value!r}.")
