@@ -1,0 +1,152 @@
+"""Checkpoints: the train state and the data iterator's position, saved together by Orbax.
+
+    ckpt = Checkpointer(workdir, keep=2, keep_best=1, best_metric="loss", best_mode="min")
+    step = ckpt.latest_step()             # None in a fresh workdir
+    state = ckpt.restore(step, abstract_state, train_iter)   # also moves train_iter
+    ckpt.save(step, state, train_iter, metrics=eval_metrics)  # async; ckpt.wait() to block
+    params = load_params(workdir)         # any checkpoint onto one device (e.g. in Colab)
+
+Layout: `workdir/checkpoints/<step>/{state,data}`; `data` holds one Grain state file per
+process. A save is complete only once Orbax has renamed its temporary folder: a run killed
+midway leaves a `*.orbax-checkpoint-tmp*` folder, which is ignored and removed at the next start.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+from attn.train.config import ConfigError
+
+
+def _directory(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+class Checkpointer:
+  """Our one entry to Orbax: keep the latest N plus the best N by an eval metric."""
+
+  def __init__(self, workdir: str, *, keep: int = 2, keep_best: int = 0,
+               best_metric: str = "loss", best_mode: str = "min", async_save: bool = True,
+               read_only: bool = False):
+    policy: Any = policies.LatestN(keep)
+    if keep_best:
+      # Checkpoints saved without eval metrics are left to LatestN, not kept forever.
+      best = policies.BestN(get_metric_fn=lambda m: m[best_metric], reverse=best_mode == "min",
+                            n=keep_best, keep_checkpoints_without_metrics=False)
+      policy = policies.AnyPreservationPolicy([policy, best])
+    options = ocp.CheckpointManagerOptions(
+      preservation_policy=policy, enable_async_checkpointing=async_save,
+      cleanup_tmp_directories=not read_only, create=not read_only, read_only=read_only,
+    )
+    self.directory = _directory(workdir)
+    self.manager = ocp.CheckpointManager(
+      self.directory, options=options,
+      item_handlers={"state": ocp.StandardCheckpointHandler(),
+                     "data": grain.checkpoint.CheckpointHandler()},
+    )
+
+  def latest_step(self) -> int | None:
+    """The newest complete checkpoint's step."""
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def saved_params(self, step: int) -> Any:
+    """The saved parameters' metadata tree (shapes and dtypes), read without loading them."""
+    return self.manager.item_metadata(step)["state"].tree["params"]
+
+  def check_compatible(self, step: int, abstract_params: Any) -> None:
+    """Raises ConfigError naming the first parameter that differs from the checkpoint."""
+    saved = {_name(p): m for p, m in jax.tree_util.tree_flatten_with_path(
+      self.saved_params(step), is_leaf=_is_array_metadata)[0]}
+    wanted = {_name(p): a for p, a in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
+    for name in sorted(set(saved) | set(wanted)):
+      if name not in saved or name not in wanted:
+        where = "the model" if name not in saved else "the checkpoint"
+        raise ConfigError(
+          f"{self.directory}/{step} holds a different model: parameter {name!r} exists only in "
+          f"{where}. Use another workdir, or the config that wrote this checkpoint."
+        )
+      if tuple(saved[name].shape) != tuple(wanted[name].shape):
+        raise ConfigError(
+          f"{self.directory}/{step} holds a different model: parameter {name!r} has shape "
+          f"{tuple(saved[name].shape)} there but {tuple(wanted[name].shape)} in this config. "
+          f"Use another workdir, or the config that wrote this checkpoint."
+        )
+
+  def save(self, step: int, state: Any, data_iter: Any = None, *,
+           metrics: dict[str, float] | None = None) -> None:
+    """Starts an async save (the arrays are copied off the devices before it returns)."""
+    items = {"state": ocp.args.StandardSave(state)}
+    if data_iter is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+    self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+
+  def restore(self, step: int, abstract_state: Any, data_iter: Any = None) -> Any:
+    """The state at `step` laid out as `abstract_state` says; moves `data_iter` to that step."""
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iter is not None:
+      data_dir = os.path.join(self.directory, str(step), "data")
+      index, count = jax.process_index(), jax.process_count()
+      if os.path.isdir(data_dir) and not os.path.exists(
+          os.path.join(data_dir, f"process_{index}-of-{count}.json")):
+        saved = sorted(os.listdir(data_dir))
+        raise ConfigError(
+          f"{data_dir} holds data-iterator states {saved}, written by another number of "
+          f"processes than the {count} running now; the data position cannot be carried over. "
+          "Resume with the same number of processes, or start a new workdir."
+        )
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+
+  def wait(self) -> None:
+    """Blocks until every started save is complete on disk."""
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def _is_array_metadata(x: Any) -> bool:
+  return hasattr(x, "shape") and hasattr(x, "dtype")
+
+
+def _name(path: tuple[Any, ...]) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def load_params(workdir: str, step: int | None = None, *,
+                sharding: jax.sharding.Sharding | None = None) -> Any:
+  """The parameters of a checkpoint in `workdir` (latest by default), on one device.
+
+  The layout at save time does not matter: a run saved on 8 devices (or a TPU pod) opens on a
+  single CPU. Pass `sharding` to put them elsewhere.
+  """
+  ckpt = Checkpointer(workdir, read_only=True)
+  try:
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"No complete checkpoint in {ckpt.directory}.")
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    metadata = ckpt.manager.item_metadata(step)["state"].tree
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+                          metadata, is_leaf=_is_array_metadata)
+    restored = ckpt.manager.restore(
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+    return restored["params"]
+  finally:
+    ckpt.close()
+
+
+def params_to_numpy(params: Any) -> Any:
+  """A host copy (for hashing and comparisons)."""
+  return jax.tree.map(np.asarray, jax.device_get(params))

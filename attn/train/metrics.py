@@ -1,0 +1,198 @@
+"""Metric outputs: `metrics.jsonl`, TensorBoard events (tensorboardX, no TensorFlow), a progress
+bar, and the numbers in `summary.json` (parameter hash, throughput, MFU).
+
+Only process 0 writes; the other processes get a writer that does nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+# Peak dense bf16 FLOP/s per chip for MFU. Unknown accelerators report mfu = null.
+PEAK_FLOPS = {
+  "TPU v4": 275e12,
+  "TPU v5 lite": 197e12,
+  "TPU v5e": 197e12,
+  "TPU v5p": 459e12,
+  "TPU v6 lite": 918e12,
+  "TPU v6e": 918e12,
+  "NVIDIA A100": 312e12,
+  "NVIDIA H100": 989e12,
+  "NVIDIA H200": 989e12,
+}
+
+
+class MetricWriter:
+  """Writes scalars to metrics.jsonl and TensorBoard; a tqdm bar on the console."""
+
+  def __init__(self, workdir: str, *, total_steps: int, initial_step: int = 0,
+               progress_bar: bool = True, enabled: bool = True):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.tb_dir = os.path.join(workdir, "tensorboard")
+    self._tb = None
+    self._bar = None
+    if not enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    _truncate_after(self.path, initial_step)
+    from tensorboardX import SummaryWriter  # Imports no TensorFlow (clu and flax's writer do).
+
+    self._tb = SummaryWriter(self.tb_dir, flush_secs=30)
+    if progress_bar:
+      from tqdm import tqdm
+
+      self._bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True,
+                       file=sys.stderr, mininterval=1.0)
+
+  def write(self, step: int, split: str, metrics: dict[str, float]) -> None:
+    """One line per (step, split) in metrics.jsonl, and one TensorBoard scalar per metric."""
+    if not self.enabled:
+      return
+    clean = {k: _plain(v) for k, v in metrics.items()}
+    with open(self.path, "a") as f:
+      f.write(json.dumps({"step": step, "split": split, **clean}) + "\n")
+    for key, value in clean.items():
+      if isinstance(value, (int, float)):
+        self._tb.add_scalar(f"{split}/{key}", value, step)
+
+  def progress(self, step: int, postfix: dict[str, float]) -> None:
+    if self._bar is not None:
+      self._bar.n = step
+      self._bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=True)
+
+  def message(self, text: str) -> None:
+    """A line on the console that does not break the bar."""
+    if not self.enabled:
+      return
+    if self._bar is not None:
+      self._bar.write(text, file=sys.stderr)
+    else:
+      print(text, file=sys.stderr, flush=True)
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def _plain(value: Any) -> Any:
+  value = value.item() if hasattr(value, "item") else value
+  return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def _truncate_after(path: str, step: int) -> None:
+  """Drops lines past `step`: a resumed run rewrites the steps after its checkpoint."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = [line for line in f if line.strip()]
+  kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+  if len(kept) != len(lines):
+    with open(path, "w") as f:
+      f.writelines(kept)
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+  """metrics.jsonl as a list of dicts."""
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def params_sha256(params: Any) -> str:
+  """A hash of every parameter's path, dtype, shape and bytes, in sorted path order."""
+  digest = hashlib.sha256()
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  for path, leaf in sorted(leaves, key=lambda item: jax.tree_util.keystr(item[0])):
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+      leaf = multihost_utils.process_allgather(leaf, tiled=True)
+    array = np.ascontiguousarray(np.asarray(jax.device_get(leaf)))
+    digest.update(jax.tree_util.keystr(path).encode())
+    digest.update(f"{array.dtype.str}{array.shape}".encode())
+    digest.update(array.tobytes())
+  return digest.hexdigest()
+
+
+def count_params(params: Any) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def measure_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
+  """This host's float32 matmul FLOP/s on the first device (the CPU 'peak' for MFU)."""
+  x = jax.device_put(jnp.ones((n, n), jnp.float32), jax.local_devices()[0])
+  f = jax.jit(lambda a: a @ a)
+  f(x).block_until_ready()
+  best = math.inf
+  for _ in range(repeats):
+    start = time.perf_counter()
+    f(x).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * n**3 / best
+
+
+def peak_flops() -> tuple[float, str]:
+  """(peak FLOP/s of all devices of the run, how it was obtained)."""
+  device = jax.devices()[0]
+  if device.platform == "cpu":
+    # Simulated CPU devices share the host's cores: the peak is one measured matmul rate per host.
+    rate = measure_matmul_flops()
+    return rate * jax.process_count(), (
+      f"cpu: measured float32 1024x1024 matmul rate {rate / 1e9:.1f} GFLOP/s per host"
+    )
+  for name, peak in PEAK_FLOPS.items():
+    if device.device_kind.startswith(name):
+      return peak * jax.device_count(), f"{device.device_kind}: {peak / 1e12:.0f} TFLOP/s bf16 peak"
+  return math.nan, f"{device.device_kind}: unknown peak"
+
+
+def model_flops_per_step(num_params: int, model_cfg: Any, info: Any, batch_size: int) -> float:
+  """Training FLOPs of one step, the usual estimate (Kaplan et al. 2020; PaLM appendix B):
+  6 per parameter per token (forward + backward matmuls) plus the attention score and value
+  matmuls, 12 * layers * T * D per token. Remat recomputation is not counted (MFU, not HFU)."""
+  if info.task == "vision":
+    length = model_cfg.num_patches + 1
+  elif info.task == "seq2seq":
+    length = info.seq_len + info.target_len
+  else:
+    length = info.seq_len
+  layers = model_cfg.num_layers
+  if info.task == "seq2seq":
+    layers += model_cfg.decoder_layers
+  tokens = batch_size * length
+  attention = 12 * layers * length * model_cfg.num_heads * model_cfg.head_size
+  return float(tokens * (6 * num_params + attention))
+
+
+def format_report(workdir: str, result: dict[str, Any]) -> str:
+  """What the command line prints at the end: eval metrics, a sample, throughput, the paths."""
+  if result.get("preempted"):
+    return f"Stopped at step {result['step']} (SIGTERM); the same command resumes it."
+  path = os.path.join(workdir, "summary.json")
+  with open(path) as f:
+    summary = json.load(f)
+  lines = [f"Finished {workdir} at step {summary['step']}."]
+  lines.append("eval: " + ", ".join(f"{k} {v:.4f}" for k, v in summary["metrics"].items()
+                                   if isinstance(v, (int, float))))
+  if summary.get("tokens_per_second"):
+    mfu = summary.get("mfu")
+    lines.append(f"speed: {summary['tokens_per_second']:,.0f} tokens/s, "
+                 f"{summary['steps_per_second']:.2f} steps/s"
+                 + (f", MFU {100 * mfu:.1f}% ({summary['mfu_basis']})" if mfu else ""))
+  if summary.get("sample") is not None:
+    lines.append("sample:\n" + summary["sample"])
+  lines.append("wrote:")
+  for name in ("summary.json", "metrics.jsonl", "tensorboard", "checkpoints"):
+    lines.append(f"  {os.path.join(workdir, name)}")
+  return "\n".join(lines)

@@ -1,0 +1,139 @@
+"""A training run in its own process, for the fault tests: killed, signalled or multi-host.
+
+    python -m tests.train.child --workdir W --mode M --at K --overrides '{"train.num_steps": 6}'
+
+Modes: run (train to the end); kill_after_checkpoint (SIGKILL once the checkpoint of step K is
+complete on disk); kill_during_save (SIGKILL right after the save of step K has started, before
+Orbax finalizes it); sigterm (SIGTERM to itself after step K); nan (the loss becomes NaN from
+step K on; unused by the tests, which poison the data instead); multihost (every process
+trains on its rows of the same global batches); load (load_params of the workdir's checkpoint
+onto one device, print its hash).
+"""
+
+import argparse
+import json
+import os
+import signal
+import time
+
+import grain
+import jax.numpy as jnp
+from jax import config as jax_config
+
+jax_config.update("jax_numpy_rank_promotion", "raise")
+
+
+class _Rows(grain.DatasetIterator):
+  """Rows [lo, hi) of every batch of a parent iterator (state = the parent's)."""
+
+  def __init__(self, parent, lo: int, hi: int):
+    super().__init__(parent)
+    self.lo, self.hi = lo, hi
+
+  def __next__(self):
+    return {k: v[self.lo:self.hi] for k, v in next(self._parent).items()}
+
+  def get_state(self):
+    return self._parent.get_state()
+
+  def set_state(self, state):
+    self._parent.set_state(state)
+
+
+def _global_batches_sliced(cfg, *, global_batch_size, seed, **unused):
+  """Every process reads the single-process pipeline's global batches and keeps its own rows,
+  so that 1 or 2 processes train on exactly the same global batches."""
+  import jax
+
+  from attn import data
+
+  train_iter, eval_iters, info = data.make_iterators(
+    cfg, global_batch_size=global_batch_size, seed=seed, process_index=0, process_count=1)
+  n = global_batch_size // jax.process_count()
+  lo, hi = jax.process_index() * n, (jax.process_index() + 1) * n
+
+  def local_eval(num_batches=None):
+    for batch in eval_iters(num_batches=num_batches):
+      yield {k: v[lo:hi] for k, v in batch.items()}
+
+  import dataclasses
+
+  return _Rows(train_iter, lo, hi), local_eval, dataclasses.replace(info, batch_size=n)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--mode", default="run")
+  parser.add_argument("--at", type=int, default=0)
+  parser.add_argument("--overrides", default="{}")
+  args = parser.parse_args()
+
+  from attn.train import distributed
+
+  distributed.maybe_initialize(heartbeat_timeout_s=10)
+
+  from attn import train
+  from attn.train import checkpoint, steps
+  from tests.train.conftest import tiny_config
+
+  overrides = json.loads(args.overrides)
+  if args.mode == "load":
+    params = checkpoint.load_params(args.workdir)
+    import jax
+
+    from attn.train.metrics import params_sha256
+
+    print("LOADED", json.dumps({"sha": params_sha256(params), "devices": jax.device_count(),
+                               "shardings": sorted({str(x.sharding) for x in
+                                                    jax.tree.leaves(params)})}), flush=True)
+    return
+  config = tiny_config(overrides.pop("data_dir"), **overrides)
+  hooks = []
+  if args.mode == "kill_after_checkpoint":
+
+    def hook(step, state, ckpt):
+      if step == args.at + 1:
+        deadline = time.time() + 60
+        while not os.path.isdir(os.path.join(ckpt.directory, str(args.at))):
+          assert time.time() < deadline, "checkpoint never completed"
+          time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    hooks.append(hook)
+  elif args.mode == "kill_during_save":
+    real_save = checkpoint.Checkpointer.save
+
+    def save(self, step, *a, **k):
+      real_save(self, step, *a, **k)
+      if step == args.at:
+        names = sorted(os.listdir(self.directory))
+        print("AT_KILL", json.dumps(names), flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    checkpoint.Checkpointer.save = save
+  elif args.mode == "sigterm":
+
+    def hook(step, state, ckpt):
+      if step == args.at:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    hooks.append(hook)
+  elif args.mode == "nan":
+    real_step = steps.train_step
+
+    def nan_step(state, batch, **kwargs):
+      new_state, metrics = real_step(state, batch, **kwargs)
+      bad = state.step + 1 >= args.at
+      metrics["loss"] = jnp.where(bad, jnp.nan, metrics["loss"])
+      return new_state, metrics
+
+    steps.train_step = nan_step
+  make_data = _global_batches_sliced if args.mode == "multihost" else None
+  result = train.train_and_evaluate(config, args.workdir, hooks=hooks, make_data=make_data)
+  print("RESULT", json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float))}),
+        flush=True)
+
+
+if __name__ == "__main__":
+  main()
