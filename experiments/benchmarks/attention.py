@@ -1,14 +1,25 @@
-"""Attention speed and memory: our implementations against jax.nn and flax, side by side.
+"""Attention speed and memory: our implementations and mechanisms against jax.nn and flax.
 
   python -m experiments.benchmarks.attention [--lengths 256,512,...] [--causal] [--dtype float32]
+      [--implementations blockwise,linear] [--max_quadratic_length 8192]
 
 For each sequence length it measures the forward and the forward+backward pass of every
 implementation, jitted: the median wall time over interleaved repetitions (the implementations
 take turns, so machine noise hits them alike), the compiled temporary memory from XLA's memory
-analysis (deterministic) and XLA's FLOP count. It prints a table, writes JSON to
-experiments/benchmarks/results/attention_<device>.json and checks the target: our default path
-(implementation=None) is no slower than jax.nn.dot_product_attention (ratio <= 1.05) at every
-length, forward and forward+backward.
+analysis (deterministic), XLA's FLOP count (a loop body is counted once, so it undercounts the
+blockwise and chunked paths) and the model FLOPs of softmax attention (4 B T S N H forward, 2.5x
+that backward, masked blocks included) with the rate they imply. Paths that form the T x S
+matrix are skipped past --max_quadratic_length.
+
+It prints a table, writes JSON (and, when matplotlib is installed, a log-log PNG of time and
+memory against T: the `notebooks` extra has it) to experiments/benchmarks/results/, and checks
+the targets:
+  - our default path (implementation=None) is no slower than jax.nn.dot_product_attention
+    (ratio <= 1.05) at every length, forward and forward+backward;
+  - blockwise temporary memory at T=8192 is <= 1/8 of the xla path's, and grows <= 5x from
+    T=4096 to T=16384 (forward+backward);
+  - the linear-time mechanisms take <= 5x the time when T grows 4x (forward+backward).
+Hardware: any; on this 2-core CPU the default lengths take ~20 minutes.
 """
 
 import json
@@ -23,16 +34,20 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from attn.ops import dot_product_attention
+from attn.ops import dot_product_attention, linear, sparse, variants
 
-_LENGTHS = flags.DEFINE_list("lengths", ["256", "512", "1024", "2048", "4096", "8192"],
-                             "Sequence lengths (T = S).")
+_LENGTHS = flags.DEFINE_list(
+    "lengths", ["256", "512", "1024", "2048", "4096", "8192", "16384"], "Sequence lengths (T = S).")
 _BATCH = flags.DEFINE_integer("batch", 1, "Batch size.")
 _HEADS = flags.DEFINE_integer("heads", 4, "Query heads.")
 _KV_HEADS = flags.DEFINE_integer("kv_heads", 0, "Key/value heads (0 = same as heads).")
 _HEAD_DIM = flags.DEFINE_integer("head_dim", 64, "Head dimension.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Input dtype.")
 _CAUSAL = flags.DEFINE_boolean("causal", True, "Causal masking.")
+_IMPLS = flags.DEFINE_list("implementations", [], "Only these (substring match; the default "
+                           "path and jax.nn always run). Empty = all.")
+_MAX_QUADRATIC = flags.DEFINE_integer("max_quadratic_length", 8192,
+                                      "Longest T for paths that form the T x S matrix.")
 _MIN_REPS = flags.DEFINE_integer("min_reps", 5, "Minimum timed repetitions per implementation.")
 _MIN_SECONDS = flags.DEFINE_float("min_seconds", 2.0, "Keep repeating until this much time.")
 _TARGET = flags.DEFINE_float("target_ratio", 1.05, "Max time ratio ours / jax.nn.")
@@ -41,10 +56,16 @@ _OUT = flags.DEFINE_string("out", "", "JSON path (default: results/attention_<de
 RESULTS_DIR = pathlib.Path(__file__).parent / "results"
 OURS = "attn (default)"
 JAX_NN = "jax.nn.dot_product_attention"
+FLAX = "flax.linen.dot_product_attention"
+BLOCKWISE, XLA = "attn (blockwise)", "attn (xla)"
+# Mechanisms whose time and memory are linear in T (checked: T x4 -> time <= x5).
+LINEAR_TIME = ("linear (elu+1)", "performer (M=256)", "linformer (P=256, bidirectional)")
+# Paths that materialize a T x S array; skipped past --max_quadratic_length.
+QUADRATIC = (JAX_NN, FLAX, XLA, "sigmoid", "sinks", "bigbird (dense mask)")
 
 
-def implementations(causal: bool) -> dict[str, Callable]:
-  """Name -> attention(q, k, v) for every path under test."""
+def implementations(causal: bool, length: int, head_dim: int) -> dict[str, Callable]:
+  """Name -> attention(q, k, v) for every path under test at this length."""
 
   def flax_attention(q, k, v):
     # flax's function takes a dense mask and needs K/V heads repeated to the query heads.
@@ -56,13 +77,35 @@ def implementations(causal: bool) -> dict[str, Callable]:
   impls = {
       OURS: lambda q, k, v: dot_product_attention(q, k, v, is_causal=causal),
       JAX_NN: lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal),
-      "flax.linen.dot_product_attention": flax_attention,
+      FLAX: flax_attention,
   }
   for name in dict.fromkeys(("xla",) + tuple(_available())):
     impls[f"attn ({name})"] = (
         lambda q, k, v, name=name: dot_product_attention(q, k, v, is_causal=causal,
                                                          implementation=name))
-  return impls
+  projection = linear.orthogonal_random_features(jax.random.key(0), 256, head_dim)
+  linformer_e = jax.random.normal(jax.random.key(1), (256, length)) * length**-0.5
+  bigbird = sparse.bigbird_mask(length, length, block_size=64) if length <= _MAX_QUADRATIC.value \
+      else None
+  impls.update({
+      "linear (elu+1)": lambda q, k, v: linear.linear_attention(q, k, v, is_causal=causal),
+      "performer (M=256)": lambda q, k, v: linear.performer_attention(
+          q, k, v, projection, is_causal=causal),
+      "linformer (P=256, bidirectional)": lambda q, k, v: variants.linformer_attention(
+          q, k, v, linformer_e),
+      "cosine": lambda q, k, v: variants.cosine_attention(q, k, v, is_causal=causal),
+      "sigmoid": lambda q, k, v: variants.sigmoid_attention(q, k, v, is_causal=causal),
+      "sinks": lambda q, k, v: variants.sink_attention(q, k, v, jnp.zeros(q.shape[2]),
+                                                       is_causal=causal),
+      "bigbird (dense mask)": lambda q, k, v: dot_product_attention(q, k, v, mask=bigbird,
+                                                                    is_causal=causal),
+  })
+  keep = {name: fn for name, fn in impls.items()
+          if name in (OURS, JAX_NN) or not _IMPLS.value
+          or any(part in name for part in _IMPLS.value)}
+  if length > _MAX_QUADRATIC.value:
+    keep = {name: fn for name, fn in keep.items() if name not in QUADRATIC}
+  return keep
 
 
 def _available() -> tuple[str, ...]:
@@ -107,8 +150,15 @@ def time_interleaved(executables: dict[str, Callable], args, min_reps: int,
   return {name: statistics.median(s) for name, s in samples.items()}
 
 
-def run_length(length: int, impls: dict[str, Callable]) -> list[dict]:
+def model_flops(length: int, mode: str) -> float:
+  """Softmax attention's matmul FLOPs, 4 B T S N H forward and 2.5x that backward."""
+  forward = 4.0 * _BATCH.value * length * length * _HEADS.value * _HEAD_DIM.value
+  return forward if mode == "fwd" else 3.5 * forward
+
+
+def run_length(length: int) -> list[dict]:
   """Every implementation at one sequence length, forward and forward+backward."""
+  impls = implementations(_CAUSAL.value, length, _HEAD_DIM.value)
   kv_heads = _KV_HEADS.value or _HEADS.value
   dtype = jnp.dtype(_DTYPE.value)
   keys = jax.random.split(jax.random.key(length), 3)
@@ -123,45 +173,111 @@ def run_length(length: int, impls: dict[str, Callable]) -> list[dict]:
     times = time_interleaved(executables, (q, k, v), _MIN_REPS.value, _MIN_SECONDS.value)
     for name in impls:
       rows.append({"length": length, "mode": mode, "implementation": name,
-                   "median_s": times[name], "ratio_vs_jax_nn": times[name] / times[JAX_NN],
+                   "median_s": times[name],
+                   "ratio_vs_jax_nn": times[name] / times[JAX_NN] if JAX_NN in times else None,
+                   "model_flops": model_flops(length, mode),
+                   "model_gflops_per_s": model_flops(length, mode) / times[name] / 1e9,
                    **stats[name]})
   return rows
 
 
 def print_table(rows: list[dict]) -> None:
-  header = f"{'T':>6} {'mode':>8} {'implementation':<34} {'median ms':>10} {'vs jax.nn':>9} " \
-           f"{'temp MiB':>9} {'GFLOP':>8}"
+  header = (f"{'T':>6} {'mode':>8} {'implementation':<34} {'median ms':>10} {'vs jax.nn':>9} "
+            f"{'temp MiB':>9} {'XLA GFLOP':>9} {'model GFLOP/s':>13}")
   print(header)
   print("-" * len(header))
   for r in rows:
     mem = "n/a" if r["temp_bytes"] is None else f"{r['temp_bytes'] / 2**20:.1f}"
     flops = "n/a" if not r["flops"] else f"{r['flops'] / 1e9:.2f}"
+    ratio = "n/a" if r["ratio_vs_jax_nn"] is None else f"{r['ratio_vs_jax_nn']:.3f}"
     print(f"{r['length']:>6} {r['mode']:>8} {r['implementation']:<34} "
-          f"{r['median_s'] * 1e3:>10.2f} {r['ratio_vs_jax_nn']:>9.3f} {mem:>9} {flops:>8}")
+          f"{r['median_s'] * 1e3:>10.2f} {ratio:>9} {mem:>9} {flops:>9} "
+          f"{r['model_gflops_per_s']:>13.1f}")
 
 
 def check_target(rows: list[dict], target: float) -> dict:
-  """Worst ratio of our default path to jax.nn over every length and mode."""
-  ours = [r for r in rows if r["implementation"] == OURS]
+  """Worst ratio of our default path to jax.nn over every length and mode where both ran."""
+  ours = [r for r in rows if r["implementation"] == OURS and r["ratio_vs_jax_nn"] is not None]
   worst = max(ours, key=lambda r: r["ratio_vs_jax_nn"])
   return {"target_ratio": target, "worst_ratio": worst["ratio_vs_jax_nn"],
           "worst_at": {"length": worst["length"], "mode": worst["mode"]},
           "met": worst["ratio_vs_jax_nn"] <= target}
 
 
+def _lookup(rows: list[dict], name: str, length: int, mode: str = "fwd+bwd") -> dict | None:
+  return next((r for r in rows if (r["implementation"], r["length"], r["mode"])
+               == (name, length, mode)), None)
+
+
+def check_scaling(rows: list[dict]) -> dict:
+  """The blockwise memory targets and the linear mechanisms' time growth, where measured."""
+  verdicts = {}
+  blockwise, xla = _lookup(rows, BLOCKWISE, 8192), _lookup(rows, XLA, 8192)
+  if blockwise and xla:
+    ratio = blockwise["temp_bytes"] / xla["temp_bytes"]
+    verdicts["blockwise_memory_vs_xla_at_8192"] = {"ratio": ratio, "met": ratio <= 1 / 8}
+  short, long = _lookup(rows, BLOCKWISE, 4096), _lookup(rows, BLOCKWISE, 16384)
+  if short and long:
+    growth = long["temp_bytes"] / short["temp_bytes"]
+    verdicts["blockwise_memory_growth_4096_to_16384"] = {"ratio": growth, "met": growth <= 5}
+  lengths = sorted({r["length"] for r in rows})
+  for name in LINEAR_TIME:
+    growths = [(t, _lookup(rows, name, 4 * t)["median_s"] / _lookup(rows, name, t)["median_s"])
+               for t in lengths if t >= 1024 and _lookup(rows, name, t)
+               and _lookup(rows, name, 4 * t)]
+    if growths:
+      worst = max(growths, key=lambda g: g[1])
+      verdicts[f"{name}: time x4 T"] = {"ratio": worst[1], "from_length": worst[0],
+                                        "met": worst[1] <= 5}
+  return verdicts
+
+
+def plot(rows: list[dict], path: pathlib.Path) -> bool:
+  """Log-log time (forward, forward+backward) and memory against T; False without matplotlib."""
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    return False
+  fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
+  panels = [("fwd", "median_s", "forward time (s)"), ("fwd+bwd", "median_s",
+                                                      "forward+backward time (s)"),
+            ("fwd+bwd", "temp_bytes", "forward+backward temp memory (bytes)")]
+  names = list(dict.fromkeys(r["implementation"] for r in rows))
+  colors = {name: plt.cm.tab20(i % 20) for i, name in enumerate(names)}
+  for ax, (mode, key, title) in zip(axes, panels, strict=True):
+    for name in names:
+      points = sorted((r["length"], r[key]) for r in rows
+                      if r["implementation"] == name and r["mode"] == mode and r[key])
+      if points:
+        style = "-" if name.startswith("attn") else ("--" if name in QUADRATIC else ":")
+        ax.plot(*zip(*points, strict=True), style, marker="o", markersize=3, label=name,
+                color=colors[name])
+    ax.set(xscale="log", yscale="log", xlabel="sequence length T", title=title)
+    ax.grid(True, which="both", alpha=0.3)
+  axes[0].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return True
+
+
 def main(argv: list[str]) -> None:
   del argv
   device = jax.devices()[0]
-  impls = implementations(_CAUSAL.value)
   rows = []
   for length in map(int, _LENGTHS.value):
-    rows.extend(run_length(length, impls))
+    rows.extend(run_length(length))
     print(f"done T={length}", flush=True)
   print_table(rows)
   verdict = check_target(rows, _TARGET.value)
   print(f"\nTarget: ours / jax.nn <= {verdict['target_ratio']} at every length: "
         f"{'MET' if verdict['met'] else 'NOT MET'} (worst {verdict['worst_ratio']:.3f} at "
         f"T={verdict['worst_at']['length']} {verdict['worst_at']['mode']})")
+  scaling = check_scaling(rows)
+  for name, result in scaling.items():
+    print(f"Target {name}: {result['ratio']:.3f} {'MET' if result['met'] else 'NOT MET'}")
   device_name = device.device_kind.replace(" ", "_").lower()
   out = pathlib.Path(_OUT.value or RESULTS_DIR / f"attention_{device_name}.json")
   out.parent.mkdir(parents=True, exist_ok=True)
@@ -171,8 +287,13 @@ def main(argv: list[str]) -> None:
   out.write_text(json.dumps({
       "device": device.device_kind, "platform": device.platform, "jax": jax.__version__,
       "host": platform.processor() or platform.machine(), "settings": settings,
-      "target": verdict, "rows": rows}, indent=1))
+      "target": verdict, "scaling": scaling, "rows": rows}, indent=1))
   print(f"wrote {out}")
+  png = out.with_suffix(".png")
+  if plot(rows, png):
+    print(f"wrote {png}")
+  else:
+    print("matplotlib is not installed (pip install -e .[notebooks]): no plot.")
 
 
 if __name__ == "__main__":

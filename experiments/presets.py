@@ -1,0 +1,107 @@
+"""Named pieces the experiment files share: model sizes, attention variants, datasets.
+
+experiments/common.py holds the argument parser, the base config and `runlocal`; this module
+adds the presets that several experiments pick by name, so that `size=small` or
+`attention=gqa` means the same thing in lm.py, attention_ablation.py and mqar.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import ml_collections
+
+# Decoder / encoder sizes (d_model, layers, heads, mlp). Parameter counts are for the byte
+# vocabulary (259) with tied embeddings; a 32k SentencePiece vocabulary adds 32k x d_model.
+SIZES: dict[str, dict[str, int]] = {
+  "tiny": {"d_model": 64, "num_layers": 2, "num_heads": 4, "mlp_dim": 256},  # ~0.1M
+  "small": {"d_model": 128, "num_layers": 4, "num_heads": 4, "mlp_dim": 512},  # ~0.8M
+  "medium": {"d_model": 256, "num_layers": 6, "num_heads": 8, "mlp_dim": 1024},  # ~4.8M
+  "base": {"d_model": 512, "num_layers": 6, "num_heads": 8, "mlp_dim": 2048},  # ~19M
+  "large": {"d_model": 1024, "num_layers": 12, "num_heads": 16, "mlp_dim": 4096},  # ~150M
+}
+
+
+def _kv(heads: int) -> int:
+  """GQA's key/value heads: groups of 4 query heads, at least 2 KV heads (else it is MQA)."""
+  kv = max(2, heads // 4)
+  return kv if heads % kv == 0 else heads
+
+
+# Attention variants by name: name -> (model fields from (num_heads, seq_len)). Only fields
+# ModelConfig has; a mechanism that needs more belongs in attn.layers, not here.
+ATTENTION: dict[str, Callable[[int, int], dict[str, Any]]] = {
+  "mha": lambda heads, seq: {"num_kv_heads": heads},
+  "gqa": lambda heads, seq: {"num_kv_heads": _kv(heads)},
+  "mqa": lambda heads, seq: {"num_kv_heads": 1},
+  # Sliding window (Longformer / Mistral): each query sees the previous seq/4 keys.
+  "local": lambda heads, seq: {"num_kv_heads": heads, "local_window": max(1, seq // 4)},
+  # Chunked causal attention (Llama 4 style): attention stays inside chunks of seq/4 tokens.
+  "chunked": lambda heads, seq: {"num_kv_heads": heads, "attention_chunk": max(1, seq // 4)},
+}
+
+
+def choose(kind: str, value: str, table: dict[str, Any]) -> Any:
+  """table[value], or an error that lists the valid names."""
+  if value not in table:
+    raise ValueError(f"Unknown {kind} {value!r}; valid: {', '.join(sorted(table))}.")
+  return table[value]
+
+
+def set_size(config: ml_collections.ConfigDict, size: str) -> None:
+  config.model.update(choose("size", size, SIZES))
+
+
+def set_attention(config: ml_collections.ConfigDict, name: str) -> None:
+  """Applies an ATTENTION variant for the config's current heads and sequence length."""
+  fields = choose("attention", name, ATTENTION)(config.model.num_heads, config.data.seq_len)
+  config.model.update(fields)
+
+
+# Local stand-ins for remote datasets: the same task on embedded data (no download).
+TEXT_DATA: dict[str, dict[str, Any]] = {
+  # lm1b: SentencePiece 32k trained on the train split on first use (saved in data_dir).
+  "lm1b": {"name": "lm1b", "tokenizer": "sentencepiece", "vocab_size": 32_000},
+  "pystdlib": {"name": "pystdlib/small", "tokenizer": "byte"},
+  "pystdlib_full": {"name": "pystdlib/full", "tokenizer": "byte"},
+  "wmt14": {"name": "wmt14_translate/de-en", "tokenizer": "sentencepiece", "vocab_size": 32_000},
+  "wmt17": {"name": "wmt17_translate/de-en", "tokenizer": "sentencepiece", "vocab_size": 32_000},
+  "imdb": {"name": "imdb_reviews", "tokenizer": "byte"},
+  "sst2": {"name": "glue/sst2", "tokenizer": "byte"},
+  "listops": {"name": "listops/small", "tokenizer": "ids"},
+  "listops_lra": {"name": "listops/lra", "tokenizer": "ids"},
+}
+BYTE_VOCAB = 259  # 256 bytes + pad / bos / eos.
+
+
+def set_text_data(config: ml_collections.ConfigDict, key: str, *, vocab: int | None = None) -> None:
+  """Points config.data at TEXT_DATA[key] and sizes the model's vocabulary for its tokenizer.
+
+  `vocab` is the model vocabulary for the `ids` tokenizer (pre-tokenized datasets).
+  """
+  preset = choose("dataset", key, TEXT_DATA)
+  config.data.name = preset["name"]
+  config.data.tokenizer = preset["tokenizer"]
+  if preset["tokenizer"] == "sentencepiece":
+    config.data.vocab_size = preset["vocab_size"]
+    config.model.vocab_size = preset["vocab_size"]
+  elif preset["tokenizer"] == "byte":
+    config.model.vocab_size = BYTE_VOCAB
+  elif vocab is not None:
+    config.model.vocab_size = vocab
+
+
+def fit_lengths(config: ml_collections.ConfigDict) -> None:
+  """The model's max_len covers the data's inputs and targets (plus the BOS that starts a
+  decoded target: BLEU decoding writes target_len tokens after it into the KV cache)."""
+  target = config.data.target_len or config.data.seq_len
+  extra = 1 if config.model.kind == "encoder_decoder" else 0
+  config.model.max_len = max(config.data.seq_len, target + extra)
+
+
+def runlocal_steps(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """What common.runlocal leaves out for a quiet smoke run: no sample, no BLEU decoding."""
+  config.train.sample_tokens = 0
+  config.train.bleu_batches = min(config.train.bleu_batches, 1)
+  return config

@@ -1,0 +1,290 @@
+"""A sweep's results: results.csv (one row per run), results.md (mean +- std over seeds per
+variant, best marked) and PNG plots, from the run directories of a sweep's workdir.
+
+    python -m launch.report --workdir runs/norm [--metric accuracy]
+
+Reads `sweep.json` (written by launch.sweep: every run's name, variant, seed and overrides) and
+each run's summary.json, error.json and metrics.jsonl. std is the sample standard deviation
+(n - 1 in the denominator) over the seeds that finished; with one seed it is left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import os
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+PLAN_FILE = "sweep.json"
+# Metrics where larger is better; every other metric (loss, perplexity, bits_*) is minimized.
+HIGHER_IS_BETTER = ("accuracy", "bleu", "chrf", "tokens_per_second", "mfu")
+# summary.json numbers reported beside the eval metrics.
+EXTRA_COLUMNS = ("train_loss", "tokens_per_second")
+
+
+@dataclasses.dataclass
+class RunResult:
+  """One run as the report sees it."""
+
+  name: str
+  variant: str
+  seed: Any
+  status: str  # done | failed | interrupted | pending
+  overrides: dict[str, Any]
+  step: int | None = None
+  metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+  error: str | None = None
+
+
+@dataclasses.dataclass
+class VariantStats:
+  """Mean, std and count of every metric over one variant's finished seeds."""
+
+  variant: str
+  runs: int
+  done: int
+  stats: dict[str, tuple[float, float | None, int]]  # metric -> (mean, std, n)
+
+
+def direction(metric: str) -> str:
+  """'max' for accuracy-like metrics, 'min' for losses."""
+  return "max" if metric in HIGHER_IS_BETTER else "min"
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float | None, int]:
+  """(mean, sample std or None for a single value, n) of the finite values."""
+  finite = [float(v) for v in values if v is not None and math.isfinite(v)]
+  if not finite:
+    return math.nan, None, 0
+  std = statistics.stdev(finite) if len(finite) > 1 else None
+  return statistics.fmean(finite), std, len(finite)
+
+
+def collect(workdir: str) -> list[RunResult]:
+  """Every run listed in sweep.json with its status and final numbers."""
+  with open(os.path.join(workdir, PLAN_FILE)) as f:
+    planned = json.load(f)["runs"]
+  results = []
+  for entry in planned:
+    run_dir = os.path.join(workdir, entry["name"])
+    result = RunResult(entry["name"], entry["variant"], entry.get("seed"), "pending",
+                       entry.get("overrides", {}))
+    summary_path = os.path.join(run_dir, "summary.json")
+    error_path = os.path.join(run_dir, "error.json")
+    if os.path.exists(summary_path):
+      with open(summary_path) as f:
+        summary = json.load(f)
+      result.status, result.step = "done", summary.get("step")
+      result.metrics = {k: v for k, v in summary.get("metrics", {}).items()
+                        if isinstance(v, (int, float))}
+      for key in EXTRA_COLUMNS:
+        if isinstance(summary.get(key), (int, float)):
+          result.metrics[key] = summary[key]
+    elif os.path.exists(error_path):
+      with open(error_path) as f:
+        result.status, result.error = "failed", json.load(f).get("error")
+    elif os.path.isdir(os.path.join(run_dir, "checkpoints")):
+      result.status = "interrupted"
+    results.append(result)
+  return results
+
+
+def metric_names(results: Sequence[RunResult], primary: str | None) -> list[str]:
+  """Eval metrics in first-seen order, the primary one first and the extra columns last."""
+  names: list[str] = []
+  for result in results:
+    for key in result.metrics:
+      if key not in names and key not in EXTRA_COLUMNS:
+        names.append(key)
+  if primary in names:
+    names.remove(primary)
+    names.insert(0, primary)
+  return names + [k for k in EXTRA_COLUMNS if any(k in r.metrics for r in results)]
+
+
+def aggregate(results: Sequence[RunResult], metrics: Sequence[str]) -> list[VariantStats]:
+  """One VariantStats per variant, in the order the variants first appear."""
+  order: list[str] = []
+  groups: dict[str, list[RunResult]] = {}
+  for result in results:
+    if result.variant not in groups:
+      order.append(result.variant)
+    groups.setdefault(result.variant, []).append(result)
+  out = []
+  for variant in order:
+    done = [r for r in groups[variant] if r.status == "done"]
+    stats = {m: mean_std([r.metrics[m] for r in done if m in r.metrics]) for m in metrics}
+    out.append(VariantStats(variant, len(groups[variant]), len(done), stats))
+  return out
+
+
+def best_variant(variants: Sequence[VariantStats], metric: str) -> str | None:
+  """The variant with the best mean of `metric` (None if no variant has it)."""
+  scored = [(v.stats[metric][0], v.variant) for v in variants
+            if metric in v.stats and v.stats[metric][2]]
+  if not scored:
+    return None
+  pick = max if direction(metric) == "max" else min
+  return pick(scored, key=lambda item: item[0])[1]
+
+
+def format_stat(mean: float, std: float | None, n: int) -> str:
+  if not n:
+    return "-"
+  return f"{mean:.4g}" if std is None else f"{mean:.4g} ± {std:.2g}"
+
+
+def write_csv(results: Sequence[RunResult], metrics: Sequence[str], path: str) -> None:
+  """One row per run: name, variant, seed, status, step, the metrics, error, then overrides."""
+  keys = sorted({k for r in results for k in r.overrides if k != "seed"})
+  with open(path, "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(["name", "variant", "seed", "status", "step", *metrics, "error", *keys])
+    for r in results:
+      writer.writerow([r.name, r.variant, r.seed, r.status, r.step,
+                       *(r.metrics.get(m, "") for m in metrics), r.error or "",
+                       *(r.overrides.get(k, "") for k in keys)])
+
+
+def markdown(variants: Sequence[VariantStats], results: Sequence[RunResult],
+             metrics: Sequence[str], primary: str, title: str) -> str:
+  """The results table: variants sorted best first by `primary`, the best cell of each column
+  in bold, the best variant marked."""
+  best_by_column = {m: best_variant(variants, m) for m in metrics}
+  sign = -1.0 if direction(primary) == "max" else 1.0
+
+  def rank(v: VariantStats) -> tuple[int, float]:
+    mean, _, n = v.stats.get(primary, (math.nan, None, 0))
+    return (0, sign * mean) if n else (1, 0.0)
+
+  lines = [f"# {title}", "",
+           f"Variants ranked by eval `{primary}` ({'higher' if sign < 0 else 'lower'} is better); "
+           "mean ± sample std over the seeds that finished; bold = best in its column.", "",
+           "| variant | runs | " + " | ".join(metrics) + " |",
+           "|---|---|" + "---|" * len(metrics)]
+  for v in sorted(variants, key=rank):
+    cells = []
+    for m in metrics:
+      text = format_stat(*v.stats[m])
+      cells.append(f"**{text}**" if best_by_column[m] == v.variant and v.stats[m][2] else text)
+    name = f"`{v.variant}`" + (" (best)" if best_by_column.get(primary) == v.variant else "")
+    lines.append(f"| {name} | {v.done}/{v.runs} | " + " | ".join(cells) + " |")
+  counts = {s: sum(r.status == s for r in results) for s in ("done", "failed", "interrupted",
+                                                             "pending")}
+  lines += ["", "Runs: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n) + "."]
+  failed = [r for r in results if r.status == "failed"]
+  if failed:
+    lines += ["", "Failed runs:"] + [f"- `{r.name}`: {r.error}" for r in failed]
+  return "\n".join(lines) + "\n"
+
+
+def plot_final(variants: Sequence[VariantStats], metric: str, path: str) -> bool:
+  """A horizontal bar per variant: the mean with a std error bar. False if nothing to plot."""
+  shown = [v for v in variants if v.stats.get(metric, (0, None, 0))[2]]
+  if not shown:
+    return False
+  import matplotlib
+
+  matplotlib.use("Agg")  # Files only; no display on a VM or in CI.
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(7, 0.45 * len(shown) + 1.5))
+  means = [v.stats[metric][0] for v in shown]
+  errors = [v.stats[metric][1] or 0.0 for v in shown]
+  ax.barh(range(len(shown)), means, xerr=errors, capsize=3, color="tab:blue", alpha=0.8)
+  ax.set_yticks(range(len(shown)), [v.variant for v in shown], fontsize=8)
+  ax.invert_yaxis()
+  ax.set_xlabel(f"eval {metric} ({direction(metric)} is better; mean ± std over seeds)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return True
+
+
+def _curve(workdir: str, run: str, split: str, metric: str) -> dict[int, float]:
+  path = os.path.join(workdir, run, "metrics.jsonl")
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  return {r["step"]: r[metric] for r in records
+          if r.get("split") == split and isinstance(r.get(metric), (int, float))}
+
+
+def plot_curves(workdir: str, results: Sequence[RunResult], metric: str, path: str) -> bool:
+  """Train loss and eval `metric` against the step, one line per variant (mean over seeds at
+  the steps every seed logged). False if no run logged anything."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  drawn = False
+  variants = list(dict.fromkeys(r.variant for r in results))
+  for (split, name), ax in zip((("train", "loss"), ("eval", metric)), axes, strict=True):
+    for variant in variants:
+      curves = [_curve(workdir, r.name, split, name) for r in results
+                if r.variant == variant and r.status in ("done", "interrupted")]
+      curves = [c for c in curves if c]
+      if not curves:
+        continue
+      steps = sorted(set.intersection(*(set(c) for c in curves)))
+      if not steps:
+        continue
+      ax.plot(steps, [statistics.fmean(c[s] for c in curves) for s in steps],
+              marker="." if len(steps) < 20 else None, label=variant)
+      drawn = True
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"{split} {name}")
+    ax.grid(alpha=0.3)
+  if not drawn:
+    plt.close(fig)
+    return False
+  axes[0].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return True
+
+
+def write_report(workdir: str, metric: str | None = None) -> str:
+  """Writes results.csv, results.md, final_<metric>.png and curves_<metric>.png; returns the
+  markdown table."""
+  with open(os.path.join(workdir, PLAN_FILE)) as f:
+    plan = json.load(f)
+  primary = metric or plan.get("metric") or "loss"
+  results = collect(workdir)
+  metrics = metric_names(results, primary)
+  if primary not in metrics:
+    metrics.insert(0, primary)
+  variants = aggregate(results, metrics)
+  write_csv(results, metrics, os.path.join(workdir, "results.csv"))
+  text = markdown(variants, results, metrics, primary, f"Sweep results: {plan.get('config')}")
+  written = ["results.csv", "results.md"]
+  if plot_final(variants, primary, os.path.join(workdir, f"final_{primary}.png")):
+    written.append(f"final_{primary}.png")
+  if plot_curves(workdir, results, primary, os.path.join(workdir, f"curves_{primary}.png")):
+    written.append(f"curves_{primary}.png")
+  text += "\nFiles: " + ", ".join(written) + ".\n"
+  with open(os.path.join(workdir, "results.md"), "w") as f:
+    f.write(text)
+  return text
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(prog="python -m launch.report",
+                                   description=__doc__.split("\n")[0])
+  parser.add_argument("--workdir", required=True, help="a sweep's workdir (with sweep.json)")
+  parser.add_argument("--metric", default=None, help="eval metric that ranks the variants")
+  args = parser.parse_args(argv)
+  print(write_report(args.workdir, args.metric))
+
+
+if __name__ == "__main__":
+  main()

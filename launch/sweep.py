@@ -1,0 +1,335 @@
+"""Run an experiment's sweep: one process per point, N at a time, resumable, with a report.
+
+    python -m launch.sweep --config experiments/norm_ablation.py[:arg] --workdir runs/norm \
+        [--parallel 2] [--seeds 3] [--filter 'norm=rmsnorm'] [--set train.num_steps=100] \
+        [--dry_run] [--report] [--metric loss]
+
+Each point of the experiment's `get_sweep(arg)` (see launch.grid) becomes one run of
+`python -m experiments.main --config <file>:<arg> --workdir <workdir>/<run name> --config.k=v...`
+in its own process. The child gets an argv list, never a shell string, so a value with spaces,
+quotes or `;` arrives as written.
+
+Relaunching the same command is always safe: runs with a summary.json are skipped, interrupted
+ones resume from their checkpoint (the trainer's contract) and failed ones are tried again. A run
+that fails leaves `error.json` (exit status and the end of its log) and the sweep goes on. At the
+end, and with `--report` alone, launch.report writes results.csv, results.md and PNG plots into
+the workdir. Each run's console output is in `<run>/log.txt`.
+
+Ctrl-C or SIGTERM (a preempted VM) forwards SIGTERM to the running children, which save a
+checkpoint and exit; the next launch resumes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib.util
+import inspect
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from types import ModuleType
+from typing import Any
+
+from launch import grid, report
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PLAN_FILE = "sweep.json"
+ERROR_FILE = "error.json"
+LOG_FILE = "log.txt"
+# Children log to files; a progress bar there is only carriage returns.
+QUIET = ("train.progress_bar=False",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One point of the sweep: its directory name, overrides, and variant (name without seed)."""
+
+  name: str
+  point: dict[str, Any]
+  variant: str
+
+  def workdir(self, root: str) -> str:
+    return os.path.join(root, self.name)
+
+
+def split_spec(spec: str) -> tuple[str, str | None]:
+  """'experiments/lm.py:size=small' -> ('experiments/lm.py', 'size=small')."""
+  path, sep, arg = spec.partition(".py:")
+  if sep:
+    return path + ".py", arg
+  return spec, None
+
+
+def load_experiment(spec: str) -> tuple[ModuleType, str | None]:
+  """Imports an experiment file by path; returns (module, arg)."""
+  path, arg = split_spec(spec)
+  path = os.path.abspath(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"No experiment file {path}.")
+  if REPO not in sys.path:  # Experiment files import `experiments.common`.
+    sys.path.insert(0, REPO)
+  name = "_sweep_" + os.path.splitext(os.path.basename(path))[0]
+  module_spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module, arg
+
+
+def get_points(module: ModuleType, arg: str | None) -> list[grid.Point]:
+  """The experiment's sweep points; `get_sweep(arg)` if it takes the arg, else `get_sweep()`."""
+  if not hasattr(module, "get_sweep"):
+    raise ValueError(f"{module.__file__} has no get_sweep(); it is not a sweep.")
+  takes_arg = bool(inspect.signature(module.get_sweep).parameters)
+  points = module.get_sweep(arg) if takes_arg else module.get_sweep()
+  return [dict(p) for p in points]
+
+
+def plan(spec: str, *, seeds: int | None = None, filters: Sequence[str] = ()) -> list[Run]:
+  """Every run of the sweep (after seeds and filters), checked against the experiment's config."""
+  module, arg = load_experiment(spec)
+  points = get_points(module, arg)
+  if seeds:
+    points = grid.with_seeds(points, range(seeds))
+  by_arg: dict[str | None, list[grid.Point]] = {}
+  for point in points:
+    by_arg.setdefault(grid.merge_arg(arg, point), []).append(point)
+  for merged, group in by_arg.items():  # get_config also rejects unknown experiment args.
+    grid.check_points(group, module.get_config(merged))
+  named = grid.select(grid.name_runs(points), filters)
+  variants = grid.short_keys(points)
+  return [Run(name, point, grid.run_name(grid.variant_of(point), variants))
+          for name, point in named]
+
+
+def cli_value(value: Any) -> str:
+  """A Python value as config_flags parses it back (it parses by the field's type)."""
+  if isinstance(value, float):
+    return repr(value)
+  return str(value)
+
+
+def child_argv(spec: str, run_dir: str, point: grid.Point, extra: Sequence[str] = ()) -> list[str]:
+  """The argv of one run: experiments.main with the config path made absolute."""
+  path, arg = split_spec(spec)
+  arg = grid.merge_arg(arg, point)
+  config = os.path.abspath(path) + (f":{arg}" if arg is not None else "")
+  argv = [sys.executable, "-m", "experiments.main", "--config", config, "--workdir", run_dir]
+  argv += [f"--config.{s}" for s in QUIET]
+  argv += [f"--config.{key}={cli_value(value)}"
+           for key, value in grid.config_overrides(point).items()]
+  argv += [f"--config.{s}" for s in extra]  # --set: after the point, so it wins.
+  return argv
+
+
+def status(run_dir: str) -> str:
+  """done (summary.json) | failed (error.json) | interrupted (a checkpoint) | pending."""
+  if os.path.exists(os.path.join(run_dir, "summary.json")):
+    return "done"
+  if os.path.exists(os.path.join(run_dir, ERROR_FILE)):
+    return "failed"
+  if os.path.isdir(os.path.join(run_dir, "checkpoints")):
+    return "interrupted"
+  return "pending"
+
+
+def write_plan(workdir: str, spec: str, runs: Sequence[Run], metric: str | None) -> None:
+  """sweep.json: what `--report` reads (the variants and seeds of every run)."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, PLAN_FILE)
+  known: dict[str, Any] = {}
+  if os.path.exists(path):  # A filtered launch adds its runs to the earlier plan's.
+    with open(path) as f:
+      known = {r["name"]: r for r in json.load(f)["runs"]}
+  for run in runs:
+    known[run.name] = {"name": run.name, "variant": run.variant, "seed": run.point.get("seed"),
+                       "overrides": run.point}
+  with open(path + ".tmp", "w") as f:
+    json.dump({"config": spec, "metric": metric, "runs": list(known.values())}, f, indent=2,
+              default=str)
+  os.replace(path + ".tmp", path)
+
+
+class _Stop(Exception):
+  """SIGTERM or Ctrl-C: stop the children gracefully."""
+
+
+def _raise_stop(signum: int, frame: Any) -> None:
+  del signum, frame
+  raise _Stop
+
+
+def _last_lines(path: str, n: int = 25) -> list[str]:
+  with open(path, errors="replace") as f:
+    return [line.rstrip("\n") for line in f.readlines()[-n:]]
+
+
+def _finish(run_dir: str, argv: list[str], returncode: int, seconds: float) -> str:
+  """Records a child's outcome; returns its status and a one-line message."""
+  if returncode == 0 and os.path.exists(os.path.join(run_dir, "summary.json")):
+    return "done"
+  if returncode == 0:  # The trainer stopped early (SIGTERM) and saved: resumable, not failed.
+    return "interrupted"
+  tail = _last_lines(os.path.join(run_dir, LOG_FILE))
+  message = next((line for line in reversed(tail) if line.strip()), "(no output)")
+  with open(os.path.join(run_dir, ERROR_FILE), "w") as f:
+    json.dump({"returncode": returncode, "error": message, "seconds": seconds, "argv": argv,
+               "log_tail": tail}, f, indent=2)
+  return "failed"
+
+
+def execute(spec: str, workdir: str, runs: Sequence[Run], *, parallel: int = 1,
+            extra: Sequence[str] = (), timeout: float | None = None,
+            echo: Any = print) -> dict[str, str]:
+  """Runs what is not done yet, `parallel` at a time; returns run name -> final status."""
+  outcome: dict[str, str] = {}
+  todo = []
+  for run in runs:
+    if status(run.workdir(workdir)) == "done":
+      outcome[run.name] = "skipped"
+    else:
+      todo.append(run)
+  if outcome:
+    echo(f"{len(outcome)} finished run(s) skipped; {len(todo)} to run.")
+  active: dict[str, tuple[subprocess.Popen, float, list[str], Any]] = {}
+  env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+  previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+  total, started = len(todo), 0
+  try:
+    while todo or active:
+      while todo and len(active) < parallel:
+        run = todo.pop(0)
+        run_dir = run.workdir(workdir)
+        os.makedirs(run_dir, exist_ok=True)
+        error_path = os.path.join(run_dir, ERROR_FILE)
+        if os.path.exists(error_path):
+          os.remove(error_path)  # A retry; the old error stays in log.txt.
+        argv = child_argv(spec, run_dir, run.point, extra)
+        log = open(os.path.join(run_dir, LOG_FILE), "a")  # noqa: SIM115 (closed when it ends)
+        log.write(f"=== {datetime.datetime.now().isoformat(timespec='seconds')} "
+                  f"{json.dumps(argv)}\n")
+        log.flush()
+        # A new session: Ctrl-C reaches only this runner, which then stops the children with
+        # SIGTERM (the trainer's graceful stop) instead of interrupting them mid-step.
+        proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        started += 1
+        active[run.name] = (proc, time.monotonic(), argv, log)
+        echo(f"[{started}/{total}] start {run.name}")
+      time.sleep(0.2)
+      for name in list(active):
+        proc, start, argv, log = active[name]
+        elapsed = time.monotonic() - start
+        if proc.poll() is None and timeout is not None and elapsed > timeout:
+          proc.kill()
+          log.write(f"\nKilled by launch.sweep after {timeout:.0f}s (--timeout).\n")
+          proc.wait()
+        if proc.poll() is None:
+          continue
+        log.close()
+        del active[name]
+        run_dir = os.path.join(workdir, name)
+        outcome[name] = _finish(run_dir, argv, proc.returncode, elapsed)
+        echo(f"{outcome[name]:>11} {name} ({elapsed:.0f}s){_detail(run_dir, outcome[name])}")
+  except _Stop:
+    echo(f"Stopping {len(active)} run(s) (SIGTERM); relaunch the same command to resume.")
+    for proc, *_ in active.values():
+      proc.send_signal(signal.SIGTERM)
+    for name, (proc, _, _, log) in active.items():
+      try:
+        proc.wait(timeout=120)
+      except subprocess.TimeoutExpired:
+        proc.kill()
+      log.close()
+      outcome[name] = "interrupted"
+    raise KeyboardInterrupt from None
+  finally:
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
+  return outcome
+
+
+def _detail(run_dir: str, state: str) -> str:
+  if state == "failed":
+    with open(os.path.join(run_dir, ERROR_FILE)) as f:
+      return ": " + json.load(f)["error"]
+  if state == "done":
+    with open(os.path.join(run_dir, "summary.json")) as f:
+      metrics = json.load(f)["metrics"]
+    return ": " + ", ".join(f"{k} {v:.4g}" for k, v in list(metrics.items())[:3]
+                            if isinstance(v, (int, float)))
+  return ""
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(prog="python -m launch.sweep",
+                                   description=__doc__.split("\n")[0])
+  parser.add_argument("--config", help="experiment file with get_sweep(), e.g. "
+                      "experiments/norm_ablation.py[:arg]; not needed with --report")
+  parser.add_argument("--workdir", required=True, help="one subdirectory per run goes here")
+  parser.add_argument("--parallel", type=int, default=1, help="runs at a time")
+  parser.add_argument("--seeds", type=int, default=None,
+                      help="run each point with config.seed = 0..N-1 (default: the config's seed)")
+  parser.add_argument("--filter", action="append", default=[],
+                      help="regex on the run name; repeat to require several")
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="an override for every run (not part of the run names)")
+  parser.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
+  parser.add_argument("--report", action="store_true", help="only (re)write the report")
+  parser.add_argument("--metric", default=None,
+                      help="eval metric that ranks the variants (default: the experiment's "
+                      "SWEEP_METRIC, else loss)")
+  parser.add_argument("--timeout", type=float, default=None, help="seconds before a run is killed")
+  args = parser.parse_args(argv)
+  if not args.report and not args.config:
+    parser.error("--config is required (except with --report).")
+  if args.parallel < 1:
+    parser.error("--parallel must be >= 1.")
+  for item in args.set:
+    if "=" not in item:
+      parser.error(f"--set takes KEY=VALUE, got {item!r}.")
+  return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """The command line; returns the exit status (1 if any run failed)."""
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  if args.report and not args.config:
+    print(report.write_report(args.workdir, metric=args.metric))
+    return 0
+  module, _ = load_experiment(args.config)
+  metric = args.metric or getattr(module, "SWEEP_METRIC", None)
+  runs = plan(args.config, seeds=args.seeds, filters=args.filter)
+  if not runs:
+    print("No run matches the filters.")
+    return 1
+  if args.dry_run:
+    for run in runs:
+      state = status(run.workdir(args.workdir))
+      argv_ = child_argv(args.config, run.workdir(args.workdir), run.point, args.set)
+      print(f"# {run.name} [{state}]\n{shlex.join(argv_)}")
+    return 0
+  write_plan(args.workdir, args.config, runs, metric)
+  outcome: dict[str, str] = {}
+  if not args.report:
+    try:
+      outcome = execute(args.config, args.workdir, runs, parallel=args.parallel,
+                        extra=args.set, timeout=args.timeout)
+    except KeyboardInterrupt:
+      print(report.write_report(args.workdir, metric=metric))
+      return 130
+  print(report.write_report(args.workdir, metric=metric))
+  failed = sorted(name for name, state in outcome.items() if state == "failed")
+  if failed:
+    print(f"{len(failed)} run(s) failed (see <run>/error.json and log.txt): {', '.join(failed)}")
+  return 1 if failed else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

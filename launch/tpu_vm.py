@@ -1,0 +1,280 @@
+"""Cloud TPU VMs: create, set up, run on every worker, follow the logs, stop and delete.
+
+    python -m launch.tpu_vm up --name attn-v5e --zone us-west4-a \
+        --accelerator v5litepod-8 --version v2-alpha-tpuv5-lite [--spot | --queued] \
+        --config experiments/lm.py:size=base --workdir /home/$USER/runs/lm \
+        --set data.data_dir=gs://BUCKET/tensorflow_datasets
+    python -m launch.tpu_vm logs   --name attn-v5e --zone us-west4-a --run lm
+    python -m launch.tpu_vm delete --name attn-v5e --zone us-west4-a [--queued]
+
+Subcommands: create (on-demand, `--spot`, or `--queued` for a queued resource, waiting until it
+is ACTIVE), setup (on all workers: the copied working tree, or `--repo URL --ref REF` cloned;
+then `pip install -e .[tpu]` in ~/attn/.venv), run (experiments.main on all workers with the
+same command; `--sweep_point NAME` runs one point of the experiment's sweep), sweep
+(launch.sweep on worker 0: single-host slices only), logs, stop, delete, and up (create if
+missing + setup + run). `--dry_run` prints every gcloud command and runs none.
+
+Every host runs the same `python -m experiments.main` command; JAX finds its peers on a pod
+slice by itself (attn.train.distributed), so nothing here passes ranks. On a multi-host slice the
+workdir must be a directory every worker sees (a gcsfuse mount of a bucket, or NFS), since
+Orbax writes one checkpoint from all hosts.
+
+The same command is always safe to run again: `create` skips an existing VM, `run` refuses to
+start a second copy of a run that is still alive and otherwise resumes from the workdir. After
+a spot preemption, run `up` again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Sequence
+
+from launch import grid, sweep
+
+REMOTE_DIR = "~/attn"  # On every worker; the run's code and .venv live here.
+LOG_DIR = "~/attn_logs"
+SOURCE_TARBALL = "attn-src.tar.gz"
+
+
+def _scope(args: argparse.Namespace) -> list[str]:
+  """--zone and --project, which every gcloud command takes."""
+  out = [f"--zone={args.zone}"]
+  if args.project:
+    out.append(f"--project={args.project}")
+  return out
+
+
+def create_commands(args: argparse.Namespace) -> list[list[str]]:
+  """`tpu-vm create` (on-demand or --spot), or a queued-resource request."""
+  if args.queued:
+    cmd = ["gcloud", "compute", "tpus", "queued-resources", "create", args.name,
+           f"--node-id={args.name}", *_scope(args), f"--accelerator-type={args.accelerator}",
+           f"--runtime-version={args.version}"]
+  else:
+    cmd = ["gcloud", "compute", "tpus", "tpu-vm", "create", args.name, *_scope(args),
+           f"--accelerator-type={args.accelerator}", f"--version={args.version}"]
+  if args.spot:
+    cmd.append("--spot")
+  return [cmd]
+
+
+def describe_command(args: argparse.Namespace) -> list[str]:
+  """Prints the VM's (or queued resource's) state; fails if it does not exist."""
+  if args.queued:
+    return ["gcloud", "compute", "tpus", "queued-resources", "describe", args.name, *_scope(args),
+            "--format=value(state.state)"]
+  return ["gcloud", "compute", "tpus", "tpu-vm", "describe", args.name, *_scope(args),
+          "--format=value(state)"]
+
+
+def ssh_command(args: argparse.Namespace, script: str, worker: str = "all") -> list[str]:
+  """Runs a remote shell script on the workers. The script is one argv element: no local shell
+  ever sees it, and every value inside it was quoted with shlex.quote."""
+  return ["gcloud", "compute", "tpus", "tpu-vm", "ssh", args.name, *_scope(args),
+          f"--worker={worker}", f"--command={script}"]
+
+
+def setup_commands(args: argparse.Namespace, tarball: str | None = None) -> list[list[str]]:
+  """Code on every worker (scp of a tarball of the tree, or git clone of --repo at --ref), then
+  a virtualenv with `pip install -e .[tpu]`."""
+  install = (f"cd {REMOTE_DIR} && python3 -m venv .venv && .venv/bin/pip install -q -U pip && "
+             ".venv/bin/pip install -q -e '.[tpu]'")
+  if args.repo:
+    fetch = (f"set -e; if [ ! -d {REMOTE_DIR}/.git ]; then git clone {shlex.quote(args.repo)} "
+             f"{REMOTE_DIR}; fi; cd {REMOTE_DIR} && git fetch -q origin && "
+             f"git checkout -q {shlex.quote(args.ref)}")
+    return [ssh_command(args, f"{fetch} && {install}")]
+  tarball = tarball or os.path.join(tempfile.gettempdir(), SOURCE_TARBALL)
+  copy = ["gcloud", "compute", "tpus", "tpu-vm", "scp", tarball, f"{args.name}:{SOURCE_TARBALL}",
+          *_scope(args), "--worker=all"]
+  unpack = (f"set -e; mkdir -p {REMOTE_DIR} && tar xzf ~/{SOURCE_TARBALL} -C {REMOTE_DIR} && "
+            f"{install}")
+  return [copy, ssh_command(args, unpack)]
+
+
+def pack_tree(path: str, repo: str = sweep.REPO) -> int:
+  """Tars the working tree as git sees it (tracked and untracked, minus ignored files such as
+  .venv and runs/); returns the number of files."""
+  listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                          cwd=repo, check=True, capture_output=True).stdout
+  files = [f for f in listed.decode().split("\0") if f and os.path.isfile(os.path.join(repo, f))]
+  with tarfile.open(path, "w:gz") as tar:
+    for name in files:
+      tar.add(os.path.join(repo, name), arcname=name)
+  return len(files)
+
+
+def run_argv(args: argparse.Namespace) -> tuple[str, list[str]]:
+  """(run name, the experiments.main argv) of `run`, with the sweep point's overrides if any."""
+  spec, point, name = args.config, {}, args.run
+  if args.sweep_point:
+    runs = {r.name: r for r in sweep.plan(args.config, seeds=args.seeds)}
+    if args.sweep_point not in runs:
+      raise SystemExit(f"No sweep point {args.sweep_point!r}; points: {', '.join(runs)}.")
+    point = runs[args.sweep_point].point
+    name = name or args.sweep_point
+  workdir = os.path.join(args.workdir, args.sweep_point) if args.sweep_point else args.workdir
+  path, arg = sweep.split_spec(spec)
+  path = _remote_path(path)
+  arg = grid.merge_arg(arg, point)
+  argv = [".venv/bin/python", "-m", "experiments.main",
+          "--config", path + (f":{arg}" if arg else ""), "--workdir", workdir,
+          *(f"--config.{s}" for s in sweep.QUIET),
+          *(f"--config.{k}={sweep.cli_value(v)}" for k, v in grid.config_overrides(point).items()),
+          *(f"--config.{s}" for s in args.set)]
+  name = name or os.path.splitext(os.path.basename(path))[0]
+  return name, argv
+
+
+def _remote_path(path: str) -> str:
+  """An experiment file's path relative to the repository, as the workers' ~/attn has it."""
+  full = os.path.abspath(path)
+  return os.path.relpath(full, sweep.REPO) if full.startswith(sweep.REPO + os.sep) else path
+
+
+def background_script(name: str, argv: Sequence[str]) -> str:
+  """Starts argv detached on a worker (it outlives the ssh session), unless that run is still
+  alive there; output goes to ~/attn_logs/<name>.log."""
+  log, pid = f"{LOG_DIR}/{shlex.quote(name)}.log", f"{LOG_DIR}/{shlex.quote(name)}.pid"
+  return (f"mkdir -p {LOG_DIR} && cd {REMOTE_DIR} && "
+          f"if [ -f {pid} ] && kill -0 $(cat {pid}) 2>/dev/null; then "
+          f"echo {shlex.quote(name + ' is still running on')} $(hostname); else "
+          f"setsid nohup {shlex.join(argv)} >> {log} 2>&1 < /dev/null & echo $! > {pid}; fi")
+
+
+def logs_command(args: argparse.Namespace, name: str) -> list[str]:
+  """Follows worker 0's log of a run (Ctrl-C stops following, not the run)."""
+  log = f"{LOG_DIR}/{shlex.quote(name)}.log"
+  return ssh_command(args, f"tail -n 200 -F {log}", worker=str(args.worker))
+
+
+def commands(args: argparse.Namespace) -> list[list[str]]:
+  """Every gcloud command of a subcommand, in order (`up` = create + setup + run)."""
+  if args.command == "create":
+    return create_commands(args)
+  if args.command == "setup":
+    return setup_commands(args)
+  if args.command in ("run", "up"):
+    name, argv = run_argv(args)
+    start = [ssh_command(args, background_script(name, argv))]
+    follow = [] if args.no_follow else [logs_command(args, name)]
+    if args.command == "run":
+      return start + follow
+    return create_commands(args) + setup_commands(args) + start + follow
+  if args.command == "sweep":
+    path, arg = sweep.split_spec(args.config)
+    config = _remote_path(path) + (f":{arg}" if arg is not None else "")
+    argv = [".venv/bin/python", "-m", "launch.sweep", "--config", config,
+            "--workdir", args.workdir, "--parallel", str(args.parallel),
+            *(["--seeds", str(args.seeds)] if args.seeds else []),
+            *(a for f in args.filter for a in ("--filter", f)),
+            *(a for s in args.set for a in ("--set", s))]
+    name = args.run or "sweep"
+    start = [ssh_command(args, background_script(name, argv), worker="0")]
+    return start + ([] if args.no_follow else [logs_command(args, name)])
+  if args.command == "logs":
+    return [logs_command(args, args.run)]
+  if args.command == "stop":
+    return [["gcloud", "compute", "tpus", "tpu-vm", "stop", args.name, *_scope(args)]]
+  if args.command == "delete":
+    if args.queued:  # --force also deletes the TPU VM the request created.
+      return [["gcloud", "compute", "tpus", "queued-resources", "delete", args.name,
+               *_scope(args), "--force", "--quiet"]]
+    return [["gcloud", "compute", "tpus", "tpu-vm", "delete", args.name, *_scope(args), "--quiet"]]
+  raise ValueError(f"Unknown subcommand {args.command!r}.")
+
+
+def _exists(args: argparse.Namespace) -> bool:
+  return subprocess.run(describe_command(args), capture_output=True).returncode == 0
+
+
+def _wait_active(args: argparse.Namespace, poll_s: float = 30.0) -> None:
+  """A queued resource is usable once ACTIVE; FAILED or SUSPENDED will not get better."""
+  while True:
+    state = subprocess.run(describe_command(args), capture_output=True, text=True,
+                           check=True).stdout.strip()
+    print(f"{args.name}: {state}", flush=True)
+    if state == "ACTIVE":
+      return
+    if state in ("FAILED", "SUSPENDED"):
+      raise SystemExit(f"Queued resource {args.name} is {state}; delete it and try again.")
+    time.sleep(poll_s)
+
+
+def execute(args: argparse.Namespace) -> None:
+  """Runs the commands; create is skipped when the VM exists, and a queued one is waited for."""
+  tarball = None
+  if args.command in ("setup", "up") and not args.repo:
+    tarball = os.path.join(tempfile.gettempdir(), SOURCE_TARBALL)
+    print(f"Packed {pack_tree(tarball)} files into {tarball}.", flush=True)
+  creates = create_commands(args) if args.command in ("create", "up") else []
+  for cmd in commands(args):
+    if cmd in creates:
+      if _exists(args):
+        print(f"{args.name} exists; not creating it.", flush=True)
+        continue
+      subprocess.run(cmd, check=True)
+      if args.queued:
+        _wait_active(args)
+      continue
+    print("+ " + shlex.join(cmd), flush=True)
+    try:
+      subprocess.run(cmd, check=True)
+    except KeyboardInterrupt:  # Stops following the log; the run goes on on the VM.
+      print("\nStopped following; the run goes on (see `logs`).")
+      return
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(prog="python -m launch.tpu_vm",
+                                   description=__doc__.split("\n")[0])
+  parser.add_argument("command", choices=("create", "setup", "run", "sweep", "up", "logs", "stop",
+                                          "delete"))
+  parser.add_argument("--name", required=True, help="TPU VM (and queued resource) name")
+  parser.add_argument("--zone", required=True)
+  parser.add_argument("--project", default=None, help="default: gcloud's configured project")
+  parser.add_argument("--accelerator", default="v5litepod-8", help="e.g. v5litepod-8, v4-32")
+  parser.add_argument("--version", default="v2-alpha-tpuv5-lite",
+                      help="TPU runtime version, e.g. tpu-ubuntu2204-base, v2-alpha-tpuv5-lite")
+  parser.add_argument("--spot", action="store_true", help="spot capacity (preemptible)")
+  parser.add_argument("--queued", action="store_true", help="request through a queued resource")
+  parser.add_argument("--repo", default=None, help="git URL to clone instead of copying the tree")
+  parser.add_argument("--ref", default="main", help="git ref to check out with --repo")
+  parser.add_argument("--config", default=None, help="experiment file[:arg] (run / sweep / up)")
+  parser.add_argument("--workdir", default=None, help="run directory, as the workers see it")
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="a --config.KEY=VALUE override")
+  parser.add_argument("--sweep_point", default=None, help="run this point of get_sweep()")
+  parser.add_argument("--seeds", type=int, default=None, help="as in launch.sweep")
+  parser.add_argument("--filter", action="append", default=[], help="sweep: as in launch.sweep")
+  parser.add_argument("--parallel", type=int, default=1, help="sweep: runs at a time")
+  parser.add_argument("--run", default=None, help="log name (default: the experiment's name)")
+  parser.add_argument("--worker", default="0", help="logs: which worker's log")
+  parser.add_argument("--no_follow", action="store_true", help="start the run, do not tail it")
+  parser.add_argument("--dry_run", action="store_true", help="print the commands only")
+  args = parser.parse_args(argv)
+  if args.command in ("run", "sweep", "up") and not (args.config and args.workdir):
+    parser.error(f"{args.command} needs --config and --workdir.")
+  if args.command == "logs" and not args.run:
+    parser.error("logs needs --run (the log name that `run` printed).")
+  return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  if args.dry_run:
+    for cmd in commands(args):
+      print(shlex.join(cmd))
+    return
+  execute(args)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,94 @@
+"""Every experiment file: each documented arg builds a valid config and ModelConfig, every
+sweep expands to named runs, and `runlocal` trains only on embedded data."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from attn import models, train
+from attn.data import registry
+from launch import sweep
+
+REPO = sweep.REPO
+# The args each docstring documents (plus runlocal), per experiment file.
+DOCUMENTED = {
+  "lm": [None, "data=pystdlib,size=small", "size=base", "data=pystdlib_full,size=medium",
+         "attention=gqa,position=alibi,size=small", "attention=mqa,position=t5",
+         "attention=local,position=sinusoidal", "attention=chunked,size=tiny",
+         "size=large,position=learned", "position=none,steps=50", "runlocal"],
+  "translate": [None, "data=wmt14", "data=wmt17,size=base", "data=cldr,lang=fr",
+                "data=cldr,lang=ja,position=t5", "data=algorithmic,task=sort",
+                "data=algorithmic,task=copy,position=rope", "steps=10", "runlocal"],
+  "classify": [None, "data=imdb", "data=sst2,pooling=mean", "data=listops_lra,attention=local",
+               "pooling=attention,position=rope", "runlocal"],
+  "vit": [None, "data=cifar10,size=small", "data=imagenet2012,size=base", "patch=4",
+          "position=sinusoidal,pooling=mean", "runlocal"],
+  "mqar": [None, "data=long,width=64,attention=local", "data=tiny,attention=chunked",
+           "width=256,attention=gqa,lr=0.003", "runlocal"],
+  "norm_ablation": [None, "norm=rmsnorm,place=post", "norm=batchnorm,warmup=False,lr=0.001",
+                    "place=sandwich", "runlocal"],
+  "attention_ablation": [None, "attention=gqa,position=alibi,heads=8", "attention=mqa,position=t5",
+                         "position=none", "runlocal"],
+}
+SWEEPS = {"mqar": 48, "norm_ablation": 24, "attention_ablation": 36}
+
+
+def _config(name, arg):
+  module, _ = sweep.load_experiment(os.path.join(REPO, "experiments", f"{name}.py"))
+  return module.get_config(arg)
+
+
+@pytest.mark.parametrize("name,arg", [(n, a) for n, args in DOCUMENTED.items() for a in args])
+def test_documented_args_build_valid_configs(name, arg):
+  config = _config(name, arg)
+  train.validate(config)
+  model = models.ModelConfig.from_config(config.model)
+  assert model.max_len >= config.data.seq_len or model.kind == "vit"
+  registry.parse_name(config.data.name)  # a known dataset
+
+
+@pytest.mark.parametrize("name", sorted(DOCUMENTED))
+def test_runlocal_uses_embedded_data_and_a_tiny_model(name):
+  config = _config(name, "runlocal")
+  _, spec, _ = registry.parse_name(config.data.name)
+  assert spec.embedded, config.data.name
+  assert config.train.num_steps <= 10 and config.model.d_model <= 64
+  assert config.data.data_dir is None  # nothing remote
+
+
+@pytest.mark.parametrize("name", sorted(DOCUMENTED))
+def test_unknown_args_are_errors(name):
+  with pytest.raises(ValueError, match="Unknown experiment argument"):
+    _config(name, "no_such_arg=1")
+
+
+@pytest.mark.parametrize("name,variants", sorted(SWEEPS.items()))
+def test_sweeps_expand_to_valid_named_runs(name, variants):
+  path = os.path.join(REPO, "experiments", f"{name}.py")
+  runs = sweep.plan(path, seeds=2)
+  assert len(runs) == 2 * variants
+  assert len({r.variant for r in runs}) == variants
+  assert len({r.name for r in runs}) == len(runs)
+  module, _ = sweep.load_experiment(path)
+  for run in runs[:: max(1, len(runs) // 8)]:  # every point builds a valid ModelConfig
+    arg = ",".join(f"{k[4:]}={v}" for k, v in run.point.items() if k.startswith("arg."))
+    config = module.get_config(arg or None)
+    models.ModelConfig.from_config(config.model)
+  local = sweep.plan(path + ":runlocal", seeds=2)
+  assert len(local) == 4
+  assert all("runlocal" in sweep.child_argv(path + ":runlocal", "w", r.point)[4] for r in local)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(DOCUMENTED))
+def test_runlocal_trains(name, tmp_path):
+  """The smoke run of every experiment, through the real command line."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  proc = subprocess.run(
+    [sys.executable, "-m", "experiments.main", "--config", f"experiments/{name}.py:runlocal",
+     "--workdir", str(tmp_path), "--config.train.progress_bar=False"],
+    cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert (tmp_path / "summary.json").exists()

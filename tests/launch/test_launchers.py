@@ -1,0 +1,154 @@
+"""launch.tpu_vm and launch.gpu: the exact commands that --dry_run prints (no gcloud needed)."""
+
+import shlex
+import subprocess
+
+from launch import gpu, sweep, tpu_vm
+
+VM = ["--name", "attn-v5e", "--zone", "us-west4-a", "--project", "proj"]
+SCOPE = "--zone=us-west4-a --project=proj"
+
+
+def _dry(main, argv, capsys):
+  main([*argv, "--dry_run"])
+  return capsys.readouterr().out.strip().splitlines()
+
+
+def test_create_on_demand_spot_and_queued(capsys):
+  base = ["create", *VM, "--accelerator", "v4-8", "--version", "tpu-ubuntu2204-base"]
+  assert _dry(tpu_vm.main, base, capsys) == [
+    f"gcloud compute tpus tpu-vm create attn-v5e {SCOPE} --accelerator-type=v4-8 "
+    "--version=tpu-ubuntu2204-base"]
+  assert _dry(tpu_vm.main, [*base, "--spot"], capsys)[0].endswith(" --spot")
+  assert _dry(tpu_vm.main, [*base, "--queued", "--spot"], capsys) == [
+    f"gcloud compute tpus queued-resources create attn-v5e --node-id=attn-v5e {SCOPE} "
+    "--accelerator-type=v4-8 --runtime-version=tpu-ubuntu2204-base --spot"]
+
+
+def test_setup_copy_and_git(capsys):
+  lines = _dry(tpu_vm.main, ["setup", *VM], capsys)
+  scp, ssh = (shlex.split(line) for line in lines)
+  assert scp[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "scp", scp[5]]
+  assert scp[5].endswith("attn-src.tar.gz")
+  assert scp[6:] == ["attn-v5e:attn-src.tar.gz", "--zone=us-west4-a", "--project=proj",
+                     "--worker=all"]
+  assert ssh[:9] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "attn-v5e",
+                     "--zone=us-west4-a", "--project=proj", "--worker=all"]
+  assert ssh[9] == ("--command=set -e; mkdir -p ~/attn && tar xzf ~/attn-src.tar.gz -C ~/attn "
+                    "&& cd ~/attn && python3 -m venv .venv && .venv/bin/pip install -q -U pip && "
+                    ".venv/bin/pip install -q -e '.[tpu]'")
+  (line,) = _dry(tpu_vm.main, ["setup", *VM, "--repo", "https://x/attn.git", "--ref", "v1"],
+                 capsys)
+  script = shlex.split(line)[-1]
+  assert "git clone https://x/attn.git ~/attn" in script
+  assert "git checkout -q v1 &&" in script
+
+
+def test_run_on_all_workers_with_safe_quoting(capsys):
+  weird = 'train.sample_prompt=a b; rm -rf x "q"'
+  lines = _dry(tpu_vm.main, ["run", *VM, "--config", "experiments/lm.py:size=base",
+                             "--workdir", "/mnt/runs/lm", "--set", weird], capsys)
+  start, follow = (shlex.split(line) for line in lines)
+  assert start[:9] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "attn-v5e",
+                       "--zone=us-west4-a", "--project=proj", "--worker=all"]
+  script = start[9].removeprefix("--command=")
+  assert script.startswith("mkdir -p ~/attn_logs && cd ~/attn && if [ -f ~/attn_logs/lm.pid ]")
+  # The remote shell sees the argv quoted: splitting the nohup part gives it back exactly.
+  launched = script.split("setsid nohup ", 1)[1].split(" >> ~/attn_logs/lm.log")[0]
+  assert shlex.split(launched) == [
+    ".venv/bin/python", "-m", "experiments.main", "--config", "experiments/lm.py:size=base",
+    "--workdir", "/mnt/runs/lm", "--config.train.progress_bar=False",
+    '--config.train.sample_prompt=a b; rm -rf x "q"']
+  assert follow == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "attn-v5e", "--zone=us-west4-a",
+                    "--project=proj", "--worker=0", "--command=tail -n 200 -F ~/attn_logs/lm.log"]
+
+
+def test_run_a_sweep_point(capsys):
+  point = "norm=rmsnorm,place=post,warmup=False,lr=0.001,seed=1"
+  lines = _dry(tpu_vm.main, ["run", *VM, "--config", "experiments/norm_ablation.py",
+                             "--workdir", "/mnt/runs/norm", "--seeds", "2", "--no_follow",
+                             "--sweep_point", point], capsys)
+  (start,) = lines
+  script = shlex.split(start)[-1]
+  launched = script.split("setsid nohup ", 1)[1].split(" >> ")[0]
+  assert shlex.split(launched) == [
+    ".venv/bin/python", "-m", "experiments.main", "--config",
+    "experiments/norm_ablation.py:norm=rmsnorm,place=post,warmup=False,lr=0.001",
+    "--workdir", "/mnt/runs/norm/norm=rmsnorm,place=post,warmup=False,lr=0.001,seed=1",
+    "--config.train.progress_bar=False", "--config.seed=1"]
+
+
+def test_sweep_logs_stop_delete(capsys):
+  (start, _) = _dry(tpu_vm.main, ["sweep", *VM, "--config", "experiments/mqar.py",
+                                  "--workdir", "runs/mqar", "--parallel", "4", "--seeds", "2"],
+                    capsys)
+  assert "--worker=0" in shlex.split(start)
+  assert (".venv/bin/python -m launch.sweep --config experiments/mqar.py --workdir runs/mqar "
+          "--parallel 4 --seeds 2") in start
+  assert _dry(tpu_vm.main, ["logs", *VM, "--run", "lm", "--worker", "3"], capsys) == [
+    f"gcloud compute tpus tpu-vm ssh attn-v5e {SCOPE} --worker=3 "
+    "'--command=tail -n 200 -F ~/attn_logs/lm.log'"]
+  assert _dry(tpu_vm.main, ["stop", *VM], capsys) == [
+    f"gcloud compute tpus tpu-vm stop attn-v5e {SCOPE}"]
+  assert _dry(tpu_vm.main, ["delete", *VM], capsys) == [
+    f"gcloud compute tpus tpu-vm delete attn-v5e {SCOPE} --quiet"]
+  assert _dry(tpu_vm.main, ["delete", *VM, "--queued"], capsys) == [
+    f"gcloud compute tpus queued-resources delete attn-v5e {SCOPE} --force --quiet"]
+
+
+def test_up_is_create_setup_run_follow(capsys):
+  lines = _dry(tpu_vm.main, ["up", *VM, "--spot", "--config", "experiments/lm.py",
+                             "--workdir", "/mnt/runs/lm"], capsys)
+  assert [shlex.split(line)[3:5] for line in lines] == [
+    ["tpu-vm", "create"], ["tpu-vm", "scp"], ["tpu-vm", "ssh"], ["tpu-vm", "ssh"],
+    ["tpu-vm", "ssh"]]
+
+
+def test_pack_tree_takes_what_git_sees(tmp_path):
+  path = str(tmp_path / "src.tar.gz")
+  count = tpu_vm.pack_tree(path)
+  import tarfile
+
+  names = tarfile.open(path).getnames()
+  assert count == len(names) > 10
+  assert "launch/tpu_vm.py" in names and "pyproject.toml" in names
+  assert not any(n.startswith((".venv/", "runs/")) for n in names)
+
+
+def test_sbatch_script_and_command(capsys):
+  lines = _dry(gpu.main, ["sbatch", "--nodes", "4", "--gpus_per_node", "8", "--partition", "a100",
+                          "--time", "12:00:00", "--config", "experiments/lm.py:size=base",
+                          "--workdir", "/shared/runs/lm", "--set", "train.batch_size=512"], capsys)
+  assert lines[0] == "# /shared/runs/lm/job.sbatch"
+  assert lines[-1] == "sbatch /shared/runs/lm/job.sbatch"
+  script = [line for line in lines[1:-1] if line]
+  for expected in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
+                   "#SBATCH --time=12:00:00", "#SBATCH --partition=a100", "#SBATCH --requeue",
+                   "#SBATCH --signal=TERM@300", "#SBATCH --output=/shared/runs/lm/slurm-%j.out",
+                   f"cd {sweep.REPO}"):
+    assert expected in script
+  assert script[-1] == ("srun --kill-on-bad-exit=1 .venv/bin/python -m experiments.main "
+                        "--config experiments/lm.py:size=base --workdir /shared/runs/lm "
+                        "--config.train.batch_size=512")
+
+
+def test_local_processes_get_the_coordinator_variables(capsys):
+  lines = _dry(gpu.main, ["local", "--processes", "2", "--port", "23456",
+                          "--devices_per_process", "2", "--config",
+                          "experiments/default.py:runlocal", "--workdir", "runs/two"], capsys)
+  assert [shlex.split(line) for line in lines] == [
+    ["JAX_COORDINATOR_ADDRESS=127.0.0.1:23456", "JAX_NUM_PROCESSES=2", f"JAX_PROCESS_ID={i}",
+     "XLA_FLAGS=--xla_force_host_platform_device_count=2", gpu.sys.executable, "-m",
+     "experiments.main", "--config", "experiments/default.py:runlocal", "--workdir", "runs/two"]
+    for i in range(2)]
+
+
+def test_dry_runs_never_call_gcloud(monkeypatch, capsys):
+  def refuse(*args, **kwargs):
+    raise AssertionError(f"subprocess called: {args}")
+
+  monkeypatch.setattr(subprocess, "run", refuse)
+  monkeypatch.setattr(subprocess, "Popen", refuse)
+  _dry(tpu_vm.main, ["up", *VM, "--queued", "--config", "experiments/lm.py", "--workdir", "w"],
+       capsys)
+  _dry(gpu.main, ["sbatch", "--config", "experiments/lm.py", "--workdir", "w"], capsys)

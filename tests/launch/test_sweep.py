@@ -1,0 +1,153 @@
+"""launch.sweep: argv safety, run states, dry runs, and one real tiny sweep end to end."""
+
+import csv
+import json
+import os
+import shlex
+import tempfile
+import time
+
+import pytest
+
+from launch import grid, sweep
+
+FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sweep_fixture.py")
+WEIRD = 'a b; rm -rf x "q" $(echo hi) `id` & | > y'
+
+
+def test_split_spec():
+  assert sweep.split_spec("experiments/lm.py:size=small,runlocal") == (
+    "experiments/lm.py", "size=small,runlocal")
+  assert sweep.split_spec("experiments/lm.py") == ("experiments/lm.py", None)
+
+
+def test_child_argv_is_a_list_with_values_intact():
+  point = {"arg.norm": "rmsnorm", "train.sample_prompt": WEIRD, "optim.learning_rate": 3e-4,
+           "model.use_bias": False, "seed": 1}
+  argv = sweep.child_argv(FIXTURE + ":steps=3", "/w/run", point, extra=[f"data.name={WEIRD}"])
+  assert argv[1:5] == ["-m", "experiments.main", "--config", f"{FIXTURE}:steps=3,norm=rmsnorm"]
+  assert argv[5:7] == ["--workdir", "/w/run"]
+  assert argv[7:] == ["--config.train.progress_bar=False", f"--config.train.sample_prompt={WEIRD}",
+                      "--config.optim.learning_rate=0.0003", "--config.model.use_bias=False",
+                      "--config.seed=1", f"--config.data.name={WEIRD}"]
+
+
+def test_status_of_run_directories(tmp_path):
+  states = {"a": [], "b": ["error.json"], "c": ["checkpoints/"], "d": ["summary.json",
+                                                                     "error.json"]}
+  for run, files in states.items():
+    for name in files:
+      path = tmp_path / run / name
+      path.parent.mkdir(parents=True, exist_ok=True)
+      if name.endswith("/"):
+        path.mkdir()
+      else:
+        path.write_text("{}")
+  assert [sweep.status(str(tmp_path / r)) for r in "abcd"] == [
+    "pending", "failed", "interrupted", "done"]
+  assert sweep.status(str(tmp_path / "missing")) == "pending"
+
+
+def test_plan_names_filters_and_rejects_typos(tmp_path):
+  runs = sweep.plan(FIXTURE, seeds=2)
+  assert [r.name for r in runs] == ["norm=layernorm,seed=0", "norm=layernorm,seed=1",
+                                    "norm=rmsnorm,seed=0", "norm=rmsnorm,seed=1",
+                                    "norm=nonsense,seed=0"]
+  assert [r.variant for r in runs] == ["norm=layernorm"] * 2 + ["norm=rmsnorm"] * 2 + [
+    "norm=nonsense"]
+  assert [r.name for r in sweep.plan(FIXTURE, seeds=2, filters=["rms", "seed=1"])] == [
+    "norm=rmsnorm,seed=1"]
+  bad = tmp_path / "bad.py"
+  bad.write_text(open(FIXTURE).read().replace('"arg.norm": "nonsense"', '"model.nrom": "x"'))
+  with pytest.raises(ValueError, match="model.nrom"):
+    sweep.plan(str(bad))
+
+
+def test_dry_run_prints_commands_and_runs_nothing(tmp_path, capsys):
+  assert sweep.main(["--config", FIXTURE, "--workdir", str(tmp_path), "--dry_run",
+                     "--filter", "layernorm", "--set", f"train.sample_prompt={WEIRD}"]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0] == "# norm=layernorm [pending]"
+  assert shlex.split(lines[1])[1:] == [
+    "-m", "experiments.main", "--config", f"{FIXTURE}:norm=layernorm",
+    "--workdir", str(tmp_path / "norm=layernorm"), "--config.train.progress_bar=False",
+    f"--config.train.sample_prompt={WEIRD}"]
+  assert os.listdir(tmp_path) == []
+
+
+def test_arguments_are_checked():
+  with pytest.raises(SystemExit):
+    sweep.parse_args(["--workdir", "w"])  # no --config
+  with pytest.raises(SystemExit):
+    sweep.parse_args(["--config", FIXTURE, "--workdir", "w", "--set", "no_equals"])
+
+
+def test_tiny_sweep_end_to_end(tmp_path, monkeypatch, capsys):
+  """2 norms x 2 seeds of 4 steps + 1 failing run, 2 at a time; then a rerun skips them."""
+  cache = os.path.join(tempfile.gettempdir(), f"attn-tests-jax-cache-{os.getuid()}")
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", cache)
+  monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  monkeypatch.setenv("XLA_FLAGS", "")  # one device per run, not the tests' eight
+  root = tmp_path / "sweep"
+  sentinel = tmp_path / "pwned"
+  weird = f'a b; touch {sentinel}; rm -rf x "q" $(touch {sentinel})'
+  argv = ["--config", FIXTURE, "--workdir", str(root), "--parallel", "2", "--seeds", "2",
+          "--set", f"train.sample_prompt={weird}"]
+
+  assert sweep.main(argv) == 1  # one run failed, the others finished
+  out = capsys.readouterr().out
+  assert "1 run(s) failed" in out and "norm=nonsense,seed=0" in out
+  assert not sentinel.exists()
+
+  with open(root / "results.csv") as f:
+    rows = {r["name"]: r for r in csv.DictReader(f)}
+  assert sorted(rows) == ["norm=layernorm,seed=0", "norm=layernorm,seed=1",
+                          "norm=nonsense,seed=0", "norm=rmsnorm,seed=0", "norm=rmsnorm,seed=1"]
+  for name, row in rows.items():
+    if "nonsense" in name:
+      assert row["status"] == "failed"
+      assert "nonsense" in row["error"], row["error"]
+    else:
+      assert row["status"] == "done" and row["step"] == "4"
+      assert float(row["loss"]) > 0 and float(row["accuracy"]) >= 0
+      with open(root / name / "summary.json") as f:
+        config = json.load(f)["config"]
+      assert config["train"]["sample_prompt"] == weird  # reached the child intact
+      assert config["seed"] == int(name[-1])
+      assert config["model"]["norm"] == name.split(",")[0].split("=")[1]
+  # Seeds differ, so do the numbers; the table shows mean +- std for both variants.
+  assert rows["norm=rmsnorm,seed=0"]["loss"] != rows["norm=rmsnorm,seed=1"]["loss"]
+  with open(root / "results.md") as f:
+    table = f.read()
+  assert "| variant | runs | loss | accuracy |" in table
+  assert "| `norm=layernorm`" in table and "| `norm=rmsnorm`" in table
+  assert "(best) | 2/2 | **" in table
+  assert " ± " in table
+  assert "| `norm=nonsense` | 0/1 | - |" in table
+  assert "Runs: 4 done, 1 failed." in table
+  for png in ("final_loss.png", "curves_loss.png"):
+    assert (root / png).read_bytes()[:4] == b"\x89PNG"
+  with open(root / "norm=nonsense,seed=0" / "error.json") as f:
+    error = json.load(f)
+  assert error["returncode"] != 0 and error["argv"][-1] == f"--config.train.sample_prompt={weird}"
+
+  # Rerun of the finished runs: nothing starts, the report is rewritten.
+  start = time.monotonic()
+  assert sweep.main([*argv, "--filter", "norm=(layernorm|rmsnorm)"]) == 0
+  assert time.monotonic() - start < 30
+  out = capsys.readouterr().out
+  assert "4 finished run(s) skipped; 0 to run." in out
+  assert "start" not in out
+  with open(root / "norm=layernorm,seed=0" / "log.txt") as f:
+    assert f.read().count("=== ") == 1  # launched once
+  assert (root / "results.md").read_text().count("(best)") == 1
+
+
+def test_report_alone_needs_only_the_workdir(tmp_path, capsys):
+  runs = [sweep.Run("norm=a,seed=0", {"arg.norm": "a", "seed": 0}, "norm=a")]
+  sweep.write_plan(str(tmp_path), FIXTURE, runs, "loss")
+  assert sweep.main(["--workdir", str(tmp_path), "--report"]) == 0
+  assert "| `norm=a` | 0/1 | - |" in capsys.readouterr().out
+  assert (tmp_path / "results.csv").exists()
+  assert grid.SEED_KEY == "seed"
