@@ -193,6 +193,7 @@ def format_report(workdir: str, result: dict[str, Any]) -> str:
   if summary.get("sample") is not None:
     lines.append("sample:\n" + summary["sample"])
   lines.append("wrote:")
-  for name in ("summary.json", "metrics.jsonl", "tensorboard", "checkpoints"):
-    lines.append(f"  {os.path.join(workdir, name)}")
+  for name in ("summary.json", "metrics.jsonl", "tensorboard", "checkpoints", "attention.png"):
+    if os.path.exists(os.path.join(workdir, name)):
+      lines.append(f"  {os.path.join(workdir, name)}")
   return "\n".join(lines)

@@ -378,6 +378,12 @@ def _summary(config: Any, workdir: str, *, state: state_lib.TrainState, model: n
     "sample": sample,
     "config": _json_config(config),
   }
+  if sample is not None and jax.process_count() == 1:
+    from attn import viz  # Deferred: matplotlib is only needed at the very end.
+
+    # One picture of what the heads look at on the sample (layers x heads).
+    viz.save_attention_png(model, state.params, sample, os.path.join(workdir, "attention.png"),
+                           tokenizer=info.tokenizer)
   if jax.process_index() == 0:
     path = os.path.join(workdir, "summary.json")
     with open(path + ".tmp", "w") as f:
