@@ -10,8 +10,10 @@ from attn.layers.positions import (
     SinusoidalPositionEmbedding,
     T5RelativePositionBias,
 )
+from attn.layers.variants import ATTENTION, make_attention
 
 __all__ = [
+    "ATTENTION",
     "FFN_KINDS",
     "NORMS",
     "BatchNorm",
@@ -24,5 +26,6 @@ __all__ = [
     "SinCos2DPositionEmbedding",
     "SinusoidalPositionEmbedding",
     "T5RelativePositionBias",
+    "make_attention",
     "make_norm",
 ]

@@ -7,17 +7,17 @@ move between the two, and carry logical axis names for sharding.
 """
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from attn.layers import variants
 from attn.ops import masks as masks_lib
 from attn.ops import positions as positions_lib
 from attn.ops import reference
-from attn.ops.attention import dot_product_attention
 
 Array = jax.Array
 Initializer = Callable[..., Array]
@@ -42,7 +42,12 @@ class MultiHeadAttention(nn.Module):
     rope_base: apply rotary embeddings (RoFormer) with this base to q and k, or None.
     rope_fraction: fraction of head_dim that RoPE rotates (partial rotary, GPT-NeoX).
     scale: logit scale (None = 1 / sqrt(H)).
-    implementation: passed to `dot_product_attention` ('xla', 'cudnn', None = best).
+    implementation: passed to `dot_product_attention` ('xla', 'blockwise', 'cudnn', None =
+      best).
+    attention: the mechanism, a name in `attn.layers.variants.ATTENTION` ('softmax', 'linear',
+      'performer', ...); 'softmax' is `dot_product_attention` itself.
+    attention_options: keyword arguments of that mechanism's module (e.g. {'num_features': 64}
+      for 'performer'); its parameters live under params[attention].
     decode: keep a KV cache in the 'cache' collection (self-attention only). `init` with an
       input of the maximum length sizes the cache; every later apply (mutable=['cache'])
       appends its tokens and attends to everything cached so far.
@@ -63,6 +68,8 @@ class MultiHeadAttention(nn.Module):
   rope_fraction: float = 1.0
   scale: float | None = None
   implementation: str | None = None
+  attention: str = "softmax"
+  attention_options: Mapping[str, Any] | None = None
   decode: bool = False
   record_weights: bool = False
   dtype: Any = None
@@ -118,6 +125,11 @@ class MultiHeadAttention(nn.Module):
                        f"({num_kv_heads}).")
     self_attention = inputs_kv is None
     inputs_kv = inputs_q if self_attention else inputs_kv
+    core = variants.make_attention(self.attention, self.attention_options, name=self.attention)
+    if self.attention != "softmax" and (self.decode or self.record_weights):
+      raise ValueError(f"decode and record_weights need attention='softmax', got "
+                       f"{self.attention!r}; pass local_window_size / chunk_size as call "
+                       f"keywords for sliding-window decoding.")
 
     query = self._projection(self.num_heads, head_dim, "heads", "query")(inputs_q)
     key = self._projection(num_kv_heads, head_dim, "kv_heads", "key")(inputs_kv)
@@ -150,7 +162,7 @@ class MultiHeadAttention(nn.Module):
     attention_kwargs = dict(bias=bias, mask=mask, scale=self.scale, softcap=self.softcap,
                             **mask_kwargs)
     dropout = self.dropout_rate > 0.0 and not deterministic
-    out = dot_product_attention(
+    out = core(
         query, key, value, implementation=self.implementation,
         dropout_rate=self.dropout_rate if dropout else 0.0,
         dropout_rng=self.make_rng("dropout") if dropout else None, **attention_kwargs)

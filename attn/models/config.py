@@ -15,6 +15,7 @@ from ml_collections import config_dict
 
 from attn.layers.feedforward import FFN_KINDS
 from attn.layers.norms import NORMS
+from attn.layers.variants import ATTENTION
 from attn.ops.attention import IMPLEMENTATIONS
 
 KINDS = ("lm", "encoder_decoder", "encoder", "classifier", "vit")
@@ -40,7 +41,7 @@ class ModelConfig:
   head_dim: int | None = None  # None = d_model // num_heads
   mlp_dim: int = 512
   max_len: int = 512  # longest sequence (learned positions, KV cache size)
-  attention: str = "softmax"  # the mechanism, by name (attn.layers.MultiHeadAttention)
+  attention: str = "softmax"  # self-attention mechanism, a name in attn.layers.variants.ATTENTION
   attention_impl: str | None = None  # 'xla', 'cudnn', ... or None = best available
   local_window: int | None = None  # sliding-window self-attention: keys within this distance
   attention_chunk: int | None = None  # chunked causal self-attention (decoders)
@@ -71,6 +72,7 @@ class ModelConfig:
 
   def __post_init__(self) -> None:
     _check_choice("kind", self.kind, KINDS)
+    _check_choice("attention", self.attention, tuple(ATTENTION))
     _check_choice("position", self.position, VIT_POSITIONS if self.kind == "vit" else POSITIONS)
     _check_choice("norm", self.norm, tuple(NORMS))
     _check_choice("norm_placement", self.norm_placement, NORM_PLACEMENTS)

@@ -44,10 +44,15 @@ def _norm(config: ModelConfig, name: str) -> nn.Module:
 
 
 def attention_layer(config: ModelConfig, name: str, *, rope: bool, decode: bool = False,
-                    num_heads: int | None = None) -> MultiHeadAttention:
-  """A MultiHeadAttention configured from the model config."""
+                    mechanism: str = "softmax") -> MultiHeadAttention:
+  """A MultiHeadAttention configured from the model config.
+
+  `config.attention` (the mechanism: linear, performer, ...) applies to self-attention only;
+  cross-attention and attention pooling stay softmax.
+  """
   return MultiHeadAttention(
-      num_heads=num_heads or config.num_heads, num_kv_heads=config.kv_heads,
+      attention=mechanism,
+      num_heads=config.num_heads, num_kv_heads=config.kv_heads,
       head_dim=config.head_size, use_bias=config.use_bias,
       dropout_rate=config.attention_dropout_rate, qk_norm=config.qk_norm, softcap=config.softcap,
       rope_base=config.rope_base if rope else None, rope_fraction=config.rope_fraction,
@@ -90,7 +95,7 @@ class Block(nn.Module):
     if config.local_window is not None:
       window = (config.local_window, 0 if self.causal else config.local_window)
     self_attention = attention_layer(config, "self_attention", rope=config.position == "rope",
-                                     decode=self.decode)
+                                     decode=self.decode, mechanism=config.attention)
     x = self._residual(x, lambda h: self_attention(
         h, bias=context.get("bias"), q_positions=context.get("positions"),
         segment_ids=context.get("segment_ids"), is_causal=self.causal,

@@ -1,17 +1,36 @@
 """Pure JAX attention ops: no Flax, no config objects. Layout [batch, seq, heads, head_dim]."""
 
-from attn.ops import masks, positions, reference
+from attn.ops import blockwise, linear, masks, positions, reference, sparse, variants
 from attn.ops.attention import (
     IMPLEMENTATIONS,
     available_implementations,
     dot_product_attention,
 )
+from attn.ops.blockwise import blockwise_attention
+from attn.ops.linear import linear_attention, performer_attention
+from attn.ops.variants import (
+    cosine_attention,
+    linformer_attention,
+    sigmoid_attention,
+    sink_attention,
+)
 
 __all__ = [
     "IMPLEMENTATIONS",
     "available_implementations",
+    "blockwise",
+    "blockwise_attention",
+    "cosine_attention",
     "dot_product_attention",
+    "linear",
+    "linear_attention",
+    "linformer_attention",
     "masks",
+    "performer_attention",
     "positions",
     "reference",
+    "sigmoid_attention",
+    "sink_attention",
+    "sparse",
+    "variants",
 ]

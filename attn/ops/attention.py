@@ -17,13 +17,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from attn.ops import masks as masks_lib
+from attn.ops.blockwise import blockwise_attention
+from attn.ops.pallas import pallas_attention, pallas_unsupported_reason
 
 Array = jax.Array
 
 # Every implementation this module knows; `available_implementations()` says which run here.
-IMPLEMENTATIONS = ("xla", "cudnn")
+IMPLEMENTATIONS = ("xla", "blockwise", "cudnn", "pallas")
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 _CUDNN_MAX_HEAD_DIM = 128
+# Auto picks 'blockwise' when the float32 logits of one call would take more than this...
+_BLOCKWISE_MIN_LOGITS_BYTES = 2**30
+# ...and on CPU already from this T x S: there XLA's path is bound by memory traffic over the
+# T x S matrix, and the tiled loop measured 1.6x to 2.3x faster (forward and forward+backward,
+# causal or not) at T = S = 1024 (B=1, N=4, H=64; experiments/benchmarks/attention.py), but
+# not faster at T = 512.
+_CPU_BLOCKWISE_MIN_LOGITS = 1024 * 1024
 
 _log = logging.getLogger(__name__)
 
@@ -37,7 +46,9 @@ def _is_nvidia_gpu() -> bool:
 
 def available_implementations() -> tuple[str, ...]:
   """The implementations that run on the default backend, best first after 'xla'."""
-  return ("xla", "cudnn") if _is_nvidia_gpu() else ("xla",)
+  if _is_nvidia_gpu():
+    return ("xla", "blockwise", "cudnn", "pallas")
+  return ("xla", "blockwise")
 
 
 def dot_product_attention(
@@ -75,8 +86,11 @@ def dot_product_attention(
     query_seq_lengths: int32 `[B]`; query rows past the length output zeros.
     key_value_seq_lengths: int32 `[B]`; keys past the length are never attended.
     local_window_size: `w` or `(left, right)`: query i sees keys in [i - left, i + right].
-    implementation: 'xla', 'cudnn' (NVIDIA GPUs) or None for the best available one that
-      supports the arguments. An explicit choice that cannot run raises a ValueError.
+    implementation: 'xla', 'blockwise' (O(T) memory, pure JAX; no dropout or returned
+      weights), 'cudnn' (NVIDIA GPUs), 'pallas' (JAX's Pallas flash kernel on NVIDIA GPUs:
+      causal and segment ids only, T == S; never picked automatically) or None for the best
+      available one that supports the arguments. An explicit choice that cannot run raises a
+      ValueError.
     segment_ids: int `[B, T]` (self-attention) or a pair (`[B, T]`, `[B, S]`): packed sequences
       attend within their segment only.
     prefix_lengths: int `[B]`: prefix-LM, bidirectional over the first tokens, causal after
@@ -103,7 +117,9 @@ def dot_product_attention(
     scale = 1.0 / np.sqrt(query.shape[-1])
 
   implementation = _choose_implementation(
-      implementation, query=query, key=key, value=value, softcap=softcap,
+      implementation, query=query, key=key, value=value, bias=bias, mask=mask,
+      query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
+      softcap=softcap,
       segment_ids=segment_ids, prefix_lengths=prefix_lengths, chunk_size=chunk_size,
       dropout_rate=dropout_rate, return_weights=return_weights, is_causal=is_causal,
       local_window_size=local_window_size,
@@ -113,6 +129,18 @@ def dot_product_attention(
         query, key, value, bias, mask, scale=scale, is_causal=is_causal,
         query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
         local_window_size=local_window_size, implementation="cudnn",
+    )
+    return out[0] if unbatched else out
+  if implementation == "pallas":
+    out = pallas_attention(query, key, value, scale=scale, is_causal=is_causal,
+                           segment_ids=segment_ids)
+    return out[0] if unbatched else out
+  if implementation == "blockwise":
+    out = blockwise_attention(
+        query, key, value, bias, mask, scale=scale, is_causal=is_causal,
+        query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
+        local_window_size=local_window_size, segment_ids=segment_ids,
+        prefix_lengths=prefix_lengths, chunk_size=chunk_size, softcap=softcap,
     )
     return out[0] if unbatched else out
 
@@ -207,6 +235,7 @@ def cudnn_unsupported_reason(
     return_weights: bool = False,
     is_causal: bool = False,
     local_window_size: tuple[int, int] | None = None,
+    **_,  # bias, mask, lengths: cuDNN takes them
 ) -> str | None:
   """Why JAX's cuDNN flash attention cannot run these arguments, or None if it can."""
   if query.dtype not in _CUDNN_DTYPES:
@@ -232,8 +261,30 @@ def cudnn_unsupported_reason(
   return None
 
 
+def blockwise_unsupported_reason(
+    *, dropout_rate: float = 0.0, return_weights: bool = False, **_
+) -> str | None:
+  """Why the blockwise path cannot run these arguments, or None if it can."""
+  unsupported = {"dropout_rate": dropout_rate > 0.0, "return_weights": return_weights}
+  named = [name for name, used in unsupported.items() if used]
+  if named:
+    return f"blockwise never forms the weights, so it does not support {', '.join(named)}"
+  return None
+
+
+def _prefer_blockwise(*, query: Array, key: Array, **features) -> bool:
+  """Auto: blockwise when the logits would be too large, or on CPU when it is faster."""
+  if blockwise_unsupported_reason(**features) is not None:
+    return False
+  batch, q_len, num_heads, _ = query.shape
+  logits = q_len * key.shape[1]
+  if batch * num_heads * logits * 4 > _BLOCKWISE_MIN_LOGITS_BYTES:
+    return True
+  return jax.default_backend() == "cpu" and logits >= _CPU_BLOCKWISE_MIN_LOGITS
+
+
 def _choose_implementation(implementation: str | None, **features) -> str:
-  """Resolve `implementation`; explicit choices that cannot run raise, None falls back to xla."""
+  """Resolve `implementation`; explicit choices that cannot run raise, None falls back."""
   available = available_implementations()
   if implementation is not None and implementation not in IMPLEMENTATIONS:
     raise ValueError(
@@ -248,19 +299,28 @@ def _choose_implementation(implementation: str | None, **features) -> str:
         f"{jax.default_backend()!r}; available here: {available}. Use None to pick the best "
         f"available automatically."
     )
+  checks = {"blockwise": blockwise_unsupported_reason, "pallas": pallas_unsupported_reason}
+  if implementation in checks:
+    reason = checks[implementation](**features)
+    if reason is not None:
+      raise ValueError(f"implementation={implementation!r} cannot run these arguments: "
+                       f"{reason}.")
+    return implementation
+  # Auto never picks 'pallas': it has only run in interpret mode on CPU here, not on a GPU.
+  fallback = "blockwise" if _prefer_blockwise(**features) else "xla"
   if "cudnn" in available:
     reason = cudnn_unsupported_reason(**features)
     if reason is None:
       return "cudnn"
     if implementation == "cudnn":
       raise ValueError(f"implementation='cudnn' cannot run these arguments: {reason}.")
-    _log_fallback_once(reason)
-  return "xla"
+    _log_fallback_once(fallback, reason)
+  return fallback
 
 
 @functools.cache
-def _log_fallback_once(reason: str) -> None:
-  _log.info("dot_product_attention: using 'xla' instead of 'cudnn' because %s.", reason)
+def _log_fallback_once(fallback: str, reason: str) -> None:
+  _log.info("dot_product_attention: using %r instead of 'cudnn' because %s.", fallback, reason)
 
 
 def _divisors(n: int) -> list[int]:

@@ -124,6 +124,8 @@ def _sample(model: nn.Module, params: Any, info: data_lib.DataInfo, config: Any)
   """Text generated from `train.sample_prompt` (lm runs with train.sample_tokens > 0)."""
   if info.task != "lm" or not config.train.sample_tokens or info.tokenizer is None:
     return None
+  if model.config.attention != "softmax":
+    return None  # The KV cache (and so decoding) exists for softmax attention only.
   from attn import decode
 
   prompt = np.concatenate([[info.bos_id], info.tokenizer.encode(config.train.sample_prompt)])

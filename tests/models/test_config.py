@@ -21,6 +21,7 @@ def test_optional_fields_accept_overrides_of_their_type():
 @pytest.mark.parametrize("overrides, match", [
     (dict(d_model=130, num_heads=4), r"model.d_model \(130\) must be divisible by model.num_heads"),
     (dict(num_heads=4, num_kv_heads=3), r"model.num_heads \(4\) must be divisible by model.num_kv"),
+    (dict(attention="flash"), r"model.attention='flash' is not one of \['softmax', 'local'"),
     (dict(kind="gpt"), r"model.kind='gpt' is not one of \['lm', 'encoder_decoder'"),
     (dict(position="xpos"), r"model.position='xpos' is not one of \['sinusoidal'"),
     (dict(kind="vit", position="rope"), r"model.position='rope' is not one of \['sinusoidal', 'l"),

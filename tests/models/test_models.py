@@ -112,6 +112,21 @@ def test_lm_is_causal_changing_a_later_token_never_changes_earlier_logits(positi
     assert not np.allclose(changed[:, s:], base[:, s:])
 
 
+# Not performer: its key stabilizer is a max over all keys, so a later token moves earlier
+# outputs by float rounding (see attn.ops.linear.favor_features); its gradients are causal.
+@pytest.mark.parametrize("mechanism", ["linear", "cosine", "sigmoid", "sinks"])
+def test_lm_with_each_causal_mechanism_is_causal_and_differs_from_softmax(mechanism):
+  config = _config(kind="lm", attention=mechanism, position="none")
+  model, tokens = build(config), _tokens(12)
+  params = model.init(jax.random.key(0), tokens)
+  base = model.apply(params, tokens)
+  changed = model.apply(params, tokens.at[:, 6].set((tokens[:, 6] + 1) % 40))
+  np.testing.assert_array_equal(changed[:, :6], base[:, :6])
+  softmax = build(_config(kind="lm", position="none")).apply(
+      {"params": {k: v for k, v in params["params"].items()}}, tokens)
+  assert np.max(np.abs(base - softmax)) > 1e-5  # the mechanism did replace softmax
+
+
 def _segments(lengths, total):
   ids = np.concatenate([np.full(n, i + 1) for i, n in enumerate(lengths)] +
                        [np.zeros(total - sum(lengths))])
