@@ -51,9 +51,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                       eval_every=1_000 if remote else 500, eval_steps=0 if not remote else 50,
                       checkpoint_every=1_000 if remote else 500, log_every=50,
                       best_metric="accuracy", best_mode="max")
-  if args.steps:
-    config.train.num_steps = args.steps
-    config.optim.warmup_steps = min(config.optim.warmup_steps, max(1, args.steps // 10))
+  presets.set_steps(config, args.steps)
   if args.runlocal:
     config.data.name = "listops/tiny"
     common.runlocal(config)

@@ -44,9 +44,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                       eval_every=2_000 if remote else 500, eval_steps=50 if remote else 20,
                       checkpoint_every=2_000 if remote else 500, log_every=100 if remote else 50,
                       sample_tokens=64, sample_prompt="The " if remote else "def ")
-  if args.steps:
-    config.train.num_steps = args.steps
-    config.optim.warmup_steps = min(config.optim.warmup_steps, max(1, args.steps // 10))
+  presets.set_steps(config, args.steps)
   if args.runlocal:
     common.runlocal(config)
     presets.runlocal_steps(config)

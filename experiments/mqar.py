@@ -50,9 +50,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train.update(num_steps=4_000, batch_size=64, eval_every=1_000, eval_steps=0,
                       checkpoint_every=1_000, log_every=100, best_metric="accuracy",
                       best_mode="max")
-  if args.steps:
-    config.train.num_steps = args.steps
-    config.optim.warmup_steps = min(config.optim.warmup_steps, max(1, args.steps // 10))
+  presets.set_steps(config, args.steps)
   if args.runlocal:
     common.runlocal(config)
     presets.runlocal_steps(config)

@@ -92,6 +92,13 @@ def set_text_data(config: ml_collections.ConfigDict, key: str, *, vocab: int | N
     config.model.vocab_size = vocab
 
 
+def set_steps(config: ml_collections.ConfigDict, steps: int | None) -> None:
+  """The `steps=N` arg: train N steps, with the warmup cut to at most a tenth of them."""
+  if steps:
+    config.train.num_steps = steps
+    config.optim.warmup_steps = min(config.optim.warmup_steps, max(1, steps // 10))
+
+
 def fit_lengths(config: ml_collections.ConfigDict) -> None:
   """The model's max_len covers the data's inputs and targets (plus the BOS that starts a
   decoded target: BLEU decoding writes target_len tokens after it into the KV cache)."""

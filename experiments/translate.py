@@ -62,9 +62,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                       eval_every=5_000 if remote else 500, eval_steps=20,
                       checkpoint_every=5_000 if remote else 500, log_every=100 if remote else 50,
                       bleu_batches=4 if remote else 2, best_metric="chrf", best_mode="max")
-  if args.steps:
-    config.train.num_steps = args.steps
-    config.optim.warmup_steps = min(config.optim.warmup_steps, max(1, args.steps // 10))
+  presets.set_steps(config, args.steps)
   if args.runlocal:
     common.runlocal(config)
     presets.runlocal_steps(config)

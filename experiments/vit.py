@@ -49,9 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                       eval_every=steps // 5, eval_steps=0 if data != "imagenet2012" else 50,
                       checkpoint_every=steps // 5, log_every=50, best_metric="accuracy",
                       best_mode="max")
-  if args.steps:
-    config.train.num_steps = args.steps
-    config.optim.warmup_steps = min(config.optim.warmup_steps, max(1, args.steps // 10))
+  presets.set_steps(config, args.steps)
   if args.runlocal:
     common.runlocal(config)
     presets.runlocal_steps(config)

@@ -37,6 +37,21 @@ def _over_features(v_D: jax.Array, ndim: int) -> jax.Array:
   return v_D.astype(jnp.float32).reshape((1,) * (ndim - 1) + v_D.shape)
 
 
+def _scale_and_shift(module: nn.Module, y: jax.Array, *, use_scale: bool,
+                     use_bias: bool) -> jax.Array:
+  """y * scale + bias with learned per-feature parameters (axis "embed"), in float32."""
+  features = y.shape[-1]
+  if use_scale:
+    scale = module.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                         (features,), module.param_dtype)
+    y = y * _over_features(scale, y.ndim)
+  if use_bias:
+    bias = module.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+                        (features,), module.param_dtype)
+    y = y + _over_features(bias, y.ndim)
+  return y
+
+
 class LayerNorm(nn.Module):
   """Layer normalization (Ba et al. 2016) over the last axis.
 
@@ -60,29 +75,14 @@ class LayerNorm(nn.Module):
   ) -> jax.Array:
     """Normalizes each token of x [..., D]; mask and deterministic are unused (per-token norm)."""
     del mask, deterministic
-    features = x.shape[-1]
     x32 = x.astype(jnp.float32)
     mean = jnp.mean(x32, axis=-1, keepdims=True)
     # Two-pass variance: E[x^2] - E[x]^2 cancels catastrophically when |mean| >> std.
     var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
     y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
-    if self.use_scale:
-      scale = self.param(
-        "scale",
-        nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-        (features,),
-        self.param_dtype,
-      )
-      y = y * _over_features(scale, x.ndim)
-    if self.use_bias:
-      bias = self.param(
-        "bias",
-        nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-        (features,),
-        self.param_dtype,
-      )
-      y = y + _over_features(bias, x.ndim)
-    return y.astype(_output_dtype(self.dtype, x))
+    return _scale_and_shift(self, y, use_scale=self.use_scale, use_bias=self.use_bias).astype(
+      _output_dtype(self.dtype, x)
+    )
 
 
 class RMSNorm(nn.Module):
@@ -108,14 +108,7 @@ class RMSNorm(nn.Module):
     del mask, deterministic
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
-    if self.use_scale:
-      scale = self.param(
-        "scale",
-        nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-        (x.shape[-1],),
-        self.param_dtype,
-      )
-      y = y * _over_features(scale, x.ndim)
+    y = _scale_and_shift(self, y, use_scale=self.use_scale, use_bias=False)
     return y.astype(_output_dtype(self.dtype, x))
 
 
@@ -199,23 +192,9 @@ class BatchNorm(nn.Module):
     y = (x32 - _over_features(mean_D, x.ndim)) * _over_features(
       jax.lax.rsqrt(var_D + self.epsilon), x.ndim
     )
-    if self.use_scale:
-      scale = self.param(
-        "scale",
-        nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-        (features,),
-        self.param_dtype,
-      )
-      y = y * _over_features(scale, x.ndim)
-    if self.use_bias:
-      bias = self.param(
-        "bias",
-        nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-        (features,),
-        self.param_dtype,
-      )
-      y = y + _over_features(bias, x.ndim)
-    return y.astype(_output_dtype(self.dtype, x))
+    return _scale_and_shift(self, y, use_scale=self.use_scale, use_bias=self.use_bias).astype(
+      _output_dtype(self.dtype, x)
+    )
 
 
 NORMS: dict[str, type[nn.Module]] = {
