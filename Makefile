@@ -28,7 +28,7 @@ bench: $(STAMP)
 	$(PY) -m experiments.benchmarks.attention
 
 lint: $(STAMP)
-	$(PY) -m ruff check attn experiments tests
+	$(PY) -m ruff check attn experiments launch tests
 
 clean:
 	rm -rf $(VENV) runs
