@@ -178,34 +178,25 @@ def _tile(x: Array, i: Array, j: Array, spec: _Spec) -> Array:
 
 
 def _tile_mask(spec: _Spec, aux: dict, i: Array, j: Array) -> Array | None:
-  """Boolean `[B|1, K|1, bq, G|1, bk]` for tile (i, j), or None when nothing is masked."""
-  q_pos = i * spec.block_q + jnp.arange(spec.block_q, dtype=jnp.int32)[:, None]
-  k_pos = j * spec.block_kv + jnp.arange(spec.block_kv, dtype=jnp.int32)[None, :]
-  parts = []  # each broadcastable to [B, 1, bq, 1, bk] with rank 5
+  """Boolean `[B|1, K|1, bq, G|1, bk]` for tile (i, j), or None when nothing is masked.
 
-  def add(m: Array) -> None:  # [bq, bk], [B, bq, bk], ...: lift to rank 5
-    m = m if m.ndim == 3 else m[None]
-    parts.append(m[:, None, :, None, :])
-
-  if spec.padded_kv != spec.kv_len:
-    add(jnp.broadcast_to(k_pos < spec.kv_len, (1, spec.block_kv)))
-  if spec.is_causal or spec.chunk_size is not None:
-    add(k_pos <= q_pos)
-  if aux["prefix"] is not None:
-    add((k_pos <= q_pos)[None] | (k_pos[None] < aux["prefix"][:, None, None]))
-  if spec.window is not None:
-    left, right = spec.window
-    add((k_pos >= q_pos - left) & (k_pos <= q_pos + right))
-  if spec.chunk_size is not None:
-    add(q_pos // spec.chunk_size == k_pos // spec.chunk_size)
-  if aux["q_lengths"] is not None:
-    add(q_pos[None] < aux["q_lengths"][:, None, None])
-  if aux["kv_lengths"] is not None:
-    add(k_pos[None] < aux["kv_lengths"][:, None, None])
+  The structured masks come from `masks.make_attention_mask` on the tile's positions, so the
+  tiles agree with the dense mask of the xla path by construction.
+  """
+  segment_ids = None
   if aux["q_ids"] is not None:
-    q_ids = jax.lax.dynamic_slice_in_dim(aux["q_ids"], i * spec.block_q, spec.block_q, 1)
-    kv_ids = jax.lax.dynamic_slice_in_dim(aux["kv_ids"], j * spec.block_kv, spec.block_kv, 1)
-    add(q_ids[:, :, None] == kv_ids[:, None, :])
+    segment_ids = (
+        jax.lax.dynamic_slice_in_dim(aux["q_ids"], i * spec.block_q, spec.block_q, 1),
+        jax.lax.dynamic_slice_in_dim(aux["kv_ids"], j * spec.block_kv, spec.block_kv, 1))
+  structured = masks_lib.make_attention_mask(
+      spec.block_q, spec.block_kv, is_causal=spec.is_causal,
+      query_seq_lengths=aux["q_lengths"], key_value_seq_lengths=aux["kv_lengths"],
+      local_window_size=spec.window, segment_ids=segment_ids, prefix_lengths=aux["prefix"],
+      chunk_size=spec.chunk_size, q_offset=i * spec.block_q, kv_offset=j * spec.block_kv)
+  parts = [None if structured is None else structured[:, :, :, None, :]]  # [B|1, 1, bq, 1, bk]
+  if spec.padded_kv != spec.kv_len:  # keys added to fill the last block
+    parts.append(masks_lib.padding_mask(1, spec.block_kv, None, jnp.array([spec.kv_len]),
+                                        kv_offset=j * spec.block_kv)[:, :, :, None, :])
   if aux["mask"] is not None:
     parts.append(_tile(aux["mask"], i, j, spec))
   return masks_lib.and_masks(*parts)
@@ -216,7 +207,7 @@ def _kv_block_range(spec: _Spec, aux: dict, i: Array) -> tuple[Array, Array]:
   q_first = i * spec.block_q
   q_last = jnp.minimum(q_first + spec.block_q, spec.q_len) - 1
   lo, hi = jnp.int32(0), jnp.int32(spec.kv_len - 1)  # first and last visible key position
-  if spec.is_causal or spec.chunk_size is not None:
+  if (spec.is_causal and aux["prefix"] is None) or spec.chunk_size is not None:
     hi = jnp.minimum(hi, q_last)
   if aux["prefix"] is not None and spec.chunk_size is None:
     hi = jnp.minimum(hi, jnp.maximum(q_last, jnp.max(aux["prefix"]) - 1))

@@ -10,7 +10,8 @@ Positions and alignment. Query `i` sits at absolute position `i + q_offset` and 
 The default `q_offset=0` aligns the first query with the first key ("top-left"), which is what
 `jax.nn.dot_product_attention(is_causal=True)` does when `T != S`: query 0 sees key 0 only. For
 incremental decoding, where the `T` new queries are the last `T` positions of the `S` keys, use
-`q_offset = S - T` ("bottom-right", FlashAttention's convention).
+`q_offset = S - T` ("bottom-right", FlashAttention's convention). `kv_offset` likewise shifts
+the keys, so the same constructors describe any tile of a larger mask (blockwise attention).
 """
 
 from collections.abc import Sequence
@@ -33,21 +34,24 @@ def large_negative(dtype: jnp.dtype = jnp.float32) -> Array:
   return jnp.asarray(-0.7 * dtype_max, dtype=dtype)
 
 
-def _positions(q_len: int, kv_len: int, q_offset: int | Array) -> tuple[Array, Array]:
+def _positions(q_len: int, kv_len: int, q_offset: int | Array,
+               kv_offset: int | Array = 0) -> tuple[Array, Array]:
   """Absolute query positions `[T, 1]` and key positions `[1, S]`."""
   q_pos = jnp.arange(q_len, dtype=jnp.int32)[:, None] + q_offset
-  k_pos = jnp.arange(kv_len, dtype=jnp.int32)[None, :]
+  k_pos = jnp.arange(kv_len, dtype=jnp.int32)[None, :] + kv_offset
   return q_pos, k_pos
 
 
-def causal_mask(q_len: int, kv_len: int, *, q_offset: int | Array = 0) -> Array:
+def causal_mask(q_len: int, kv_len: int, *, q_offset: int | Array = 0,
+                kv_offset: int | Array = 0) -> Array:
   """`[1, 1, T, S]`: query at position p sees keys at positions <= p (Vaswani et al. 2017)."""
-  q_pos, k_pos = _positions(q_len, kv_len, q_offset)
+  q_pos, k_pos = _positions(q_len, kv_len, q_offset, kv_offset)
   return (k_pos <= q_pos)[None, None]
 
 
 def local_window_mask(
-    q_len: int, kv_len: int, window: int | tuple[int, int], *, q_offset: int | Array = 0
+    q_len: int, kv_len: int, window: int | tuple[int, int], *, q_offset: int | Array = 0,
+    kv_offset: int | Array = 0,
 ) -> Array:
   """`[1, 1, T, S]`: query at p sees keys in [p - left, p + right] (sliding window).
 
@@ -56,12 +60,13 @@ def local_window_mask(
   sliding window of Longformer / Mistral.
   """
   left, right = normalize_window(window)
-  q_pos, k_pos = _positions(q_len, kv_len, q_offset)
+  q_pos, k_pos = _positions(q_len, kv_len, q_offset, kv_offset)
   return ((k_pos >= q_pos - left) & (k_pos <= q_pos + right))[None, None]
 
 
 def chunked_causal_mask(
-    q_len: int, kv_len: int, chunk_size: int, *, q_offset: int | Array = 0
+    q_len: int, kv_len: int, chunk_size: int, *, q_offset: int | Array = 0,
+    kv_offset: int | Array = 0,
 ) -> Array:
   """`[1, 1, T, S]`: causal attention inside consecutive chunks of `chunk_size` positions.
 
@@ -70,7 +75,7 @@ def chunked_causal_mask(
   """
   if chunk_size <= 0:
     raise ValueError(f"chunk_size must be a positive int, got {chunk_size}.")
-  q_pos, k_pos = _positions(q_len, kv_len, q_offset)
+  q_pos, k_pos = _positions(q_len, kv_len, q_offset, kv_offset)
   same_chunk = (q_pos // chunk_size) == (k_pos // chunk_size)
   return ((k_pos <= q_pos) & same_chunk)[None, None]
 
@@ -80,6 +85,9 @@ def padding_mask(
     kv_len: int,
     query_seq_lengths: Array | None = None,
     key_value_seq_lengths: Array | None = None,
+    *,
+    q_offset: int | Array = 0,
+    kv_offset: int | Array = 0,
 ) -> Array:
   """`[B, 1, T, S]` from per-example lengths: only the first `length` tokens are real.
 
@@ -87,13 +95,12 @@ def padding_mask(
   """
   if query_seq_lengths is None and key_value_seq_lengths is None:
     raise ValueError("padding_mask needs query_seq_lengths or key_value_seq_lengths.")
+  q_pos, k_pos = _positions(q_len, kv_len, q_offset, kv_offset)
   mask = jnp.ones((1, q_len, kv_len), dtype=bool)
   if query_seq_lengths is not None:
-    q_valid = jnp.arange(q_len)[None, :] < jnp.asarray(query_seq_lengths)[:, None]
-    mask = mask & q_valid[:, :, None]
+    mask = mask & (q_pos[None] < jnp.asarray(query_seq_lengths)[:, None, None])
   if key_value_seq_lengths is not None:
-    kv_valid = jnp.arange(kv_len)[None, :] < jnp.asarray(key_value_seq_lengths)[:, None]
-    mask = mask & kv_valid[:, None, :]
+    mask = mask & (k_pos[None] < jnp.asarray(key_value_seq_lengths)[:, None, None])
   return mask[:, None]
 
 
@@ -111,11 +118,12 @@ def segment_mask(q_segment_ids: Array, kv_segment_ids: Array | None = None) -> A
 
 
 def prefix_lm_mask(
-    prefix_lengths: Array, q_len: int, kv_len: int, *, q_offset: int | Array = 0
+    prefix_lengths: Array, q_len: int, kv_len: int, *, q_offset: int | Array = 0,
+    kv_offset: int | Array = 0,
 ) -> Array:
   """`[B, 1, T, S]` prefix-LM (Raffel et al. 2020): every query sees the whole prefix, the rest
   is causal. `prefix_lengths` is `[B]`: key j is in the prefix when j < prefix_lengths[b]."""
-  q_pos, k_pos = _positions(q_len, kv_len, q_offset)
+  q_pos, k_pos = _positions(q_len, kv_len, q_offset, kv_offset)
   in_prefix = k_pos[None] < jnp.asarray(prefix_lengths)[:, None, None]
   return ((k_pos <= q_pos)[None] | in_prefix)[:, None]
 
@@ -176,6 +184,7 @@ def make_attention_mask(
     prefix_lengths: Array | None = None,
     chunk_size: int | None = None,
     q_offset: int | Array = 0,
+    kv_offset: int | Array = 0,
 ) -> Array | None:
   """Every mask kind requested, combined with AND; None when nothing masks anything.
 
@@ -188,23 +197,24 @@ def make_attention_mask(
     seg_mask = segment_mask(segment_ids)
   else:
     seg_mask = None
+  offsets = dict(q_offset=q_offset, kv_offset=kv_offset)
   if prefix_lengths is not None:
-    order_mask = prefix_lm_mask(prefix_lengths, q_len, kv_len, q_offset=q_offset)
+    order_mask = prefix_lm_mask(prefix_lengths, q_len, kv_len, **offsets)
   elif is_causal:
-    order_mask = causal_mask(q_len, kv_len, q_offset=q_offset)
+    order_mask = causal_mask(q_len, kv_len, **offsets)
   else:
     order_mask = None
   has_lengths = query_seq_lengths is not None or key_value_seq_lengths is not None
   return and_masks(
       mask,
       order_mask,
-      local_window_mask(q_len, kv_len, local_window_size, q_offset=q_offset)
+      local_window_mask(q_len, kv_len, local_window_size, **offsets)
       if local_window_size is not None
       else None,
-      chunked_causal_mask(q_len, kv_len, chunk_size, q_offset=q_offset)
+      chunked_causal_mask(q_len, kv_len, chunk_size, **offsets)
       if chunk_size is not None
       else None,
-      padding_mask(q_len, kv_len, query_seq_lengths, key_value_seq_lengths)
+      padding_mask(q_len, kv_len, query_seq_lengths, key_value_seq_lengths, **offsets)
       if has_lengths
       else None,
       seg_mask,

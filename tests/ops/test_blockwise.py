@@ -171,3 +171,13 @@ def test_memory_is_linear_in_length_and_far_below_the_xla_path(backward):
   xla = _temp_bytes("xla", 8192, backward)
   assert blockwise[8192] <= xla / 8, (blockwise, xla)
   assert blockwise[16384] <= 5 * blockwise[4096], blockwise
+
+
+def test_prefix_with_is_causal_means_the_same_as_on_the_xla_path():
+  """A prefix-LM mask replaces the causal one (masks.make_attention_mask), on every path."""
+  rng = np.random.default_rng(9)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, 12, 2, 8)), jnp.float32) for _ in range(3))
+  kwargs = dict(is_causal=True, prefix_lengths=jnp.array([9, 2], jnp.int32))
+  expected = dot_product_attention(q, k, v, implementation="xla", **kwargs)
+  out = blockwise_attention(q, k, v, block_q=4, block_kv=4, **kwargs)
+  np.testing.assert_allclose(out, expected, atol=1e-6)
