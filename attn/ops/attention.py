@@ -19,6 +19,7 @@ import numpy as np
 from attn.ops import masks as masks_lib
 from attn.ops.blockwise import blockwise_attention
 from attn.ops.pallas import pallas_attention, pallas_unsupported_reason
+from attn.ops.splash import splash_attention, splash_auto_reason, splash_unsupported_reason
 
 Array = jax.Array
 
@@ -44,10 +45,16 @@ def _is_nvidia_gpu() -> bool:
   return "rocm" not in version.lower()
 
 
+def _is_tpu() -> bool:
+  return jax.default_backend() == "tpu"
+
+
 def available_implementations() -> tuple[str, ...]:
   """The implementations that run on the default backend, best first after 'xla'."""
   if _is_nvidia_gpu():
     return ("xla", "blockwise", "cudnn", "pallas")
+  if _is_tpu():
+    return ("xla", "blockwise", "pallas")
   return ("xla", "blockwise")
 
 
@@ -87,9 +94,12 @@ def dot_product_attention(
     key_value_seq_lengths: int32 `[B]`; keys past the length are never attended.
     local_window_size: `w` or `(left, right)`: query i sees keys in [i - left, i + right].
     implementation: 'xla', 'blockwise' (O(T) memory, pure JAX; no dropout or returned
-      weights), 'cudnn' (NVIDIA GPUs), 'pallas' (JAX's Pallas flash kernel on NVIDIA GPUs:
-      causal and segment ids only, T == S; never picked automatically) or None for the best
-      available one that supports the arguments. An explicit choice that cannot run raises a
+      weights), 'cudnn' (NVIDIA GPUs), 'pallas' (JAX's Pallas kernels: on TPUs the splash
+      kernel, which takes everything but bias, mask, prefix_lengths, dropout and returned
+      weights, see `ops/splash.py`; on NVIDIA GPUs the flash kernel, causal and segment ids
+      only, T == S, never picked automatically) or None for the best available one that
+      supports the arguments. On one TPU device None picks 'pallas' from T * S >= 2^20 with
+      head dims that are multiples of 128. An explicit choice that cannot run raises a
       ValueError.
     segment_ids: int `[B, T]` (self-attention) or a pair (`[B, T]`, `[B, S]`): packed sequences
       attend within their segment only.
@@ -131,6 +141,13 @@ def dot_product_attention(
         local_window_size=local_window_size, implementation="cudnn",
     )
     return out[0] if unbatched else out
+  if implementation == "pallas" and _is_tpu():
+    out = splash_attention(
+        query, key, value, scale=scale, is_causal=is_causal, local_window_size=local_window_size,
+        chunk_size=chunk_size, segment_ids=segment_ids, softcap=softcap,
+        query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
+    )
+    return out[0] if unbatched else out
   if implementation == "pallas":
     out = pallas_attention(query, key, value, scale=scale, is_causal=is_causal,
                            segment_ids=segment_ids)
@@ -150,19 +167,38 @@ def dot_product_attention(
       local_window_size=local_window_size, segment_ids=segment_ids,
       prefix_lengths=prefix_lengths, chunk_size=chunk_size,
   )
-  # Only a plain causal mask can never empty a row (query i always sees key 0); every other
-  # mask pays for the row check that turns fully masked rows into zeros.
-  only_causal = is_causal and all(x is None for x in (
-      mask, query_seq_lengths, key_value_seq_lengths, local_window_size, segment_ids,
-      prefix_lengths, chunk_size))
   out, weights = _xla_attention(
       query, key, value, bias, full_mask, scale=scale, softcap=softcap,
-      zero_empty_rows=full_mask is not None and not only_causal, dropout_rate=dropout_rate,
-      dropout_rng=dropout_rng,
+      zero_empty_rows=full_mask is not None and not _rows_never_empty(
+          query.shape[1], key.shape[1], mask=mask, is_causal=is_causal,
+          query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
+          segment_ids=segment_ids, local_window_size=local_window_size,
+          prefix_lengths=prefix_lengths, chunk_size=chunk_size),
+      dropout_rate=dropout_rate, dropout_rng=dropout_rng,
   )
   if unbatched:
     out, weights = out[0], weights[0]
   return (out, weights) if return_weights else out
+
+
+def _rows_never_empty(q_len: int, kv_len: int, *, mask, is_causal: bool, query_seq_lengths,
+                      key_value_seq_lengths, segment_ids, local_window_size, prefix_lengths,
+                      chunk_size) -> bool:
+  """True when no query row can have every key masked, so the zero-row fix-up can be skipped.
+
+  A plain causal mask always keeps key 0 (top-left aligned). Self-attention (T == S) with
+  shared segment ids, windows, chunks or a prefix always keeps the diagonal: query i sees key
+  i. Dense masks, lengths and separate query / key segment ids can empty a row.
+  """
+  if any(x is not None for x in (mask, query_seq_lengths, key_value_seq_lengths)):
+    return False
+  if isinstance(segment_ids, (tuple, list)):
+    return False
+  if q_len == kv_len:
+    return True
+  plain_causal = is_causal and all(x is None for x in (
+      segment_ids, local_window_size, prefix_lengths, chunk_size))
+  return plain_causal and kv_len > 0
 
 
 def _group(x: Array | None, num_kv_heads: int) -> Array | None:
@@ -299,15 +335,21 @@ def _choose_implementation(implementation: str | None, **features) -> str:
         f"{jax.default_backend()!r}; available here: {available}. Use None to pick the best "
         f"available automatically."
     )
-  checks = {"blockwise": blockwise_unsupported_reason, "pallas": pallas_unsupported_reason}
+  checks = {"blockwise": blockwise_unsupported_reason,
+            "pallas": splash_unsupported_reason if _is_tpu() else pallas_unsupported_reason}
   if implementation in checks:
     reason = checks[implementation](**features)
     if reason is not None:
       raise ValueError(f"implementation={implementation!r} cannot run these arguments: "
                        f"{reason}.")
     return implementation
-  # Auto never picks 'pallas': it has only run in interpret mode on CPU here, not on a GPU.
+  # Auto never picks the GPU 'pallas': it has only run in interpret mode on CPU here.
   fallback = "blockwise" if _prefer_blockwise(**features) else "xla"
+  if _is_tpu():
+    reason = splash_auto_reason(**features)
+    if reason is None:
+      return "pallas"
+    _log_fallback_once(fallback, reason, "pallas")
   if "cudnn" in available:
     reason = cudnn_unsupported_reason(**features)
     if reason is None:
@@ -319,8 +361,9 @@ def _choose_implementation(implementation: str | None, **features) -> str:
 
 
 @functools.cache
-def _log_fallback_once(fallback: str, reason: str) -> None:
-  _log.info("dot_product_attention: using %r instead of 'cudnn' because %s.", fallback, reason)
+def _log_fallback_once(fallback: str, reason: str, instead_of: str = "cudnn") -> None:
+  _log.info("dot_product_attention: using %r instead of %r because %s.", fallback, instead_of,
+            reason)
 
 
 def _divisors(n: int) -> list[int]:

@@ -8,7 +8,8 @@ another path. Lengths that are not a multiple of the tile are padded with a segm
 real token has, so padded keys are never attended. GQA repeats the key/value heads.
 
 The same kernel runs on CPU in Pallas interpret mode (`interpret=True`), which is how the tests
-check it against the reference without a GPU. The TPU flash / splash kernels are not wired in.
+check it against the reference without a GPU. On TPUs, `implementation='pallas'` runs JAX's
+splash kernel instead: see `ops/splash.py`.
 
 Shapes: B batch, T length (T == S), N query heads, K key/value heads, H head dim.
 """

@@ -10,6 +10,7 @@ import pytest
 
 from attn.ops import attention as attention_lib
 from attn.ops import dot_product_attention, reference
+from attn.ops import masks as masks_lib
 from tests import np_reference
 
 B, N, H = 2, 4, 16
@@ -200,6 +201,52 @@ def test_fully_masked_rows_differ_from_jax_nn_by_design():
   theirs = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths)
   assert np.all(np.asarray(ours) == 0.0)
   np.testing.assert_allclose(theirs[0, 0], jnp.mean(v[0], axis=0), rtol=1e-5)
+
+
+_NO_MASKS = dict(mask=None, is_causal=False, query_seq_lengths=None, key_value_seq_lengths=None,
+                 segment_ids=None, local_window_size=None, prefix_lengths=None, chunk_size=None)
+
+
+def test_row_check_is_skipped_only_where_no_row_can_be_empty():
+  """`_rows_never_empty` (which skips the zero-row fix-up) never claims a row that is empty.
+
+  Random combinations of every mask keyword, square and not; whenever the rule says 'never
+  empty', every row of the dense mask must see a key, and the rule must hold for the common
+  LM cases (causal + packed segments, windows, chunks, prefixes) so they skip the fix-up.
+  """
+  rng = np.random.default_rng(0)
+  skipped = 0
+  for _ in range(400):
+    t = int(rng.integers(1, 9))
+    s = t if rng.random() < 0.6 else int(rng.integers(1, 9))
+    kwargs = {"is_causal": bool(rng.random() < 0.5)}
+    if rng.random() < 0.4:
+      ids = rng.integers(0, 3, size=(2, t)).astype(np.int32)
+      kwargs["segment_ids"] = ids if s == t and rng.random() < 0.7 else (
+          ids, rng.integers(0, 3, size=(2, s)).astype(np.int32))
+    if rng.random() < 0.3:
+      kwargs["local_window_size"] = (int(rng.integers(0, 3)), int(rng.integers(0, 3)))
+    if rng.random() < 0.3:
+      kwargs["chunk_size"] = int(rng.integers(1, 4))
+    if rng.random() < 0.2:
+      kwargs["prefix_lengths"] = rng.integers(0, t + 1, size=2).astype(np.int32)
+    if rng.random() < 0.15:
+      kwargs["key_value_seq_lengths"] = rng.integers(0, s + 1, size=2).astype(np.int32)
+    if rng.random() < 0.15:
+      kwargs["query_seq_lengths"] = rng.integers(0, t + 1, size=2).astype(np.int32)
+    if rng.random() < 0.1:
+      kwargs["mask"] = rng.random((2, 1, t, s)) < 0.5
+    if not attention_lib._rows_never_empty(t, s, **{**_NO_MASKS, **kwargs}):
+      continue
+    skipped += 1
+    dense = masks_lib.make_attention_mask(t, s, **kwargs)  # None: nothing masked
+    assert dense is None or np.asarray(dense).any(axis=-1).all(), (t, s, kwargs)
+  assert skipped > 100
+  packed = np.array([[1, 1, 2, 2, 0]], np.int32)
+  for kwargs in ({"is_causal": True, "segment_ids": packed},
+                 {"is_causal": True, "local_window_size": (2, 0), "segment_ids": packed},
+                 {"is_causal": True, "chunk_size": 2}, {"prefix_lengths": np.array([2])}):
+    assert attention_lib._rows_never_empty(5, 5, **{**_NO_MASKS, **kwargs}), kwargs
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
