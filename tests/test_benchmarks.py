@@ -1,0 +1,90 @@
+"""The train-step benchmark's flax baseline is the same model, and the benchmark runs end to end.
+
+Speed itself is never asserted here (shared machines are noisy): the benchmark script reports
+it. What is asserted is what makes its ratio meaningful: both variants have the same parameter
+tree and compute the same loss on the same parameters.
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attn import models
+from experiments import default
+from experiments.benchmarks import train as train_bench
+
+
+def _config(**model):
+  config = default.get_config("runlocal")
+  config.train.batch_size = 4
+  config.model.update(model)
+  return config
+
+
+def _packed(batch):
+  """The batch with each row split into three packed segments (positions restart)."""
+  batch_size, length = batch["inputs"].shape
+  ids = np.repeat([1, 2, 3], [length // 2, length // 4, length - length // 2 - length // 4])
+  positions = np.concatenate([np.arange(n) for n in np.bincount(ids)[1:]])
+  return dict(batch, segment_ids=jnp.asarray(np.tile(ids, (batch_size, 1)), jnp.int32),
+              positions=jnp.asarray(np.tile(positions, (batch_size, 1)), jnp.int32))
+
+
+@pytest.mark.parametrize("position", ["rope", "learned", "alibi"])
+def test_flax_baseline_has_our_parameters_and_loss(position):
+  s = train_bench.setup(_config(position=position))
+  params = s["init"](jnp.uint32(0)).params
+  check = train_bench.check_same_architecture(s["model"], s["task"], params,
+                                              _packed(s["batch"]), rtol=1e-5)
+  assert check["abs_diff"] <= 1e-5 * check["loss_flax"]
+
+
+def test_flax_baseline_differs_when_the_mask_differs():
+  """The loss check can fail: the baseline without the segment mask is a different model."""
+  s = train_bench.setup(_config())
+  params = s["init"](jnp.uint32(0)).params
+  packed = _packed(s["batch"])
+  unpacked = dict(packed, segment_ids=jnp.ones_like(packed["segment_ids"]))
+  ours = train_bench.eval_loss("attn", s["model"], s["task"], params, packed)
+  theirs = train_bench.eval_loss("flax", s["model"], s["task"], params, unpacked)
+  assert abs(ours - theirs) > 1e-4
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("num_kv_heads", 1, "num_kv_heads"),
+    ("qk_norm", True, "qk_norm"),
+    ("attention", "linear", "attention"),
+])
+def test_flax_baseline_refuses_what_flax_has_not(field, value, match):
+  model_cfg = models.ModelConfig.from_config(_config(**{field: value}).model)
+  with pytest.raises(ValueError, match=match):
+    train_bench.flax_attention_layer(model_cfg, "self_attention", rope=True,
+                                     mechanism=model_cfg.attention)
+
+
+def test_benchmark_runs_both_variants_and_reports_the_ratio(tmp_path):
+  result = train_bench.benchmark(_config(), variants=["attn", "flax"], num_steps=1, rounds=2,
+                                 warmup=1)
+  for r in result["variants"].values():
+    assert len(r["round_step_s"]) == 2 and r["step_s"] > 0
+    assert r["tokens_per_s"] == pytest.approx(result["batch"]["batch_size"]
+                                              * result["batch"]["seq_len"] / r["step_s"])
+    assert 0 < r["mfu"] < 1 and r["temp_bytes"] > 0
+  ratio = result["variants"]["attn"]["tokens_per_s"] / result["variants"]["flax"]["tokens_per_s"]
+  assert result["ratio_tokens_per_s"] == pytest.approx(ratio)
+  assert "tokens/s attn / flax" in train_bench.format_table(result)
+  json.loads(json.dumps(result, default=float))
+
+
+def test_gpt350m_preset_has_about_350m_parameters():
+  config = train_bench.apply_preset(default.get_config(), "gpt350m")
+  model_cfg = models.ModelConfig.from_config(config.model)
+  model = models.build(model_cfg)
+  tokens = jnp.zeros((1, 16), jnp.int32)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens))
+  assert 300e6 < models.count_params(shapes["params"]) < 400e6
+  with pytest.raises(ValueError, match="preset"):
+    train_bench.apply_preset(default.get_config(), "gpt-9000")
