@@ -1,5 +1,7 @@
 """Linear attention and FAVOR+ against closed forms computed directly in float64 NumPy."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,6 +49,31 @@ def test_identity_feature_map_equals_softmax_free_attention(num_kv_heads, causal
   out = (jax.jit(fn) if jit else fn)(q, k, v)
   expected = _direct(q, k, v, causal=causal, normalize=False)
   np.testing.assert_allclose(out, expected, atol=2e-5, rtol=1e-5)
+
+
+def test_causal_chunked_gradients_equal_the_direct_form():
+  """Seven chunks of 3: the scanned prefix sum differentiates like the T x S computation."""
+  q, k, v = _qkv(2, seed=3)
+  chunked = functools.partial(linear.linear_attention, feature_map=linear.identity,
+                              normalize=False, is_causal=True, chunk_size=3)
+
+  def direct(q, k, v):
+    k, v = jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2)
+    scores = jnp.einsum("btnf,bsnf->bnts", q, k) * jnp.tril(jnp.ones((1, 1, T, T)))
+    return jnp.einsum("bnts,bsnh->btnh", scores, v)
+
+  weights = jnp.asarray(np.random.default_rng(4).normal(size=(B, T, N, H)), jnp.float32)
+  grads = [jax.grad(lambda *x, f=f: jnp.sum(f(*x) * weights), argnums=(0, 1, 2))(q, k, v)
+           for f in (chunked, direct)]
+  for ours, expected in zip(*grads, strict=True):
+    np.testing.assert_allclose(ours, expected, atol=2e-5, rtol=1e-5)
+
+
+def test_exclusive_prefix_sum_matches_numpy():
+  x = np.random.default_rng(5).normal(size=(2, 9, 3, 4)).astype(np.float32)
+  expected = np.cumsum(x, axis=1) - x
+  np.testing.assert_allclose(linear._exclusive_prefix_sum(jnp.asarray(x)), expected,
+                             atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("causal, kv_len", [(False, 12), (True, T), (True, 12), (True, 25)])
