@@ -272,6 +272,8 @@ def cudnn_unsupported_reason(
     query: Array,
     key: Array,
     value: Array,
+    bias=None,
+    mask=None,
     softcap: float | None = None,
     segment_ids=None,
     prefix_lengths=None,
@@ -280,9 +282,20 @@ def cudnn_unsupported_reason(
     return_weights: bool = False,
     is_causal: bool = False,
     local_window_size: tuple[int, int] | None = None,
-    **_,  # bias, mask, lengths: cuDNN takes them
+    **_,  # sequence lengths: cuDNN takes them
 ) -> str | None:
-  """Why JAX's cuDNN flash attention cannot run these arguments, or None if it can."""
+  """Why JAX's cuDNN flash attention cannot run these arguments, or None if it can.
+
+  Besides what cuDNN lacks, this refuses the cases where `jax.nn`'s cuDNN path is known to be
+  silently wrong or to fail, so that they fall back to our own paths:
+  - packed sequences: segment ids are not passed to cuDNN at all (boundaries ignored);
+  - a sliding window without `is_causal`: only the left bound reaches cuDNN, so queries attend
+    to the whole future (jax-ml/jax PR 39576, open);
+  - causal with T != S: not verified here on hardware that cuDNN aligns it top-left like
+    `masks` (decoding with a cache passes an explicit mask instead);
+  - a mask or bias not spelled out over [T, S]: the cuDNN path copies the mask into a bias
+    and rejects broadcast shapes (jax-ml/jax issue 28974).
+  """
   if query.dtype not in _CUDNN_DTYPES:
     return f"cuDNN flash attention needs bfloat16 or float16 inputs, got {query.dtype}"
   head_dim = query.shape[-1]
@@ -292,7 +305,7 @@ def cudnn_unsupported_reason(
     return "key and value head dims differ"
   unsupported = {
       "softcap": softcap is not None,
-      "segment_ids": segment_ids is not None,
+      "segment_ids (cuDNN would ignore the packed-segment boundaries)": segment_ids is not None,
       "prefix_lengths": prefix_lengths is not None,
       "chunk_size": chunk_size is not None,
       "dropout_rate": dropout_rate > 0.0,
@@ -301,8 +314,16 @@ def cudnn_unsupported_reason(
   named = [name for name, used in unsupported.items() if used]
   if named:
     return f"cuDNN path does not support {', '.join(named)}"
-  if local_window_size is not None and local_window_size[1] > 0 and not is_causal:
-    return "cuDNN supports a right window only together with is_causal=True"
+  if local_window_size is not None and not is_causal:
+    return ("jax.nn's cuDNN path passes only the left bound of a sliding window, so without "
+            "is_causal=True it would attend to the future")
+  q_len, kv_len = query.shape[1], key.shape[1]
+  if is_causal and q_len != kv_len:
+    return f"causal attention with T != S ({q_len} vs {kv_len}) is not verified on cuDNN"
+  for name, x in (("mask", mask), ("bias", bias)):
+    if x is not None and tuple(np.shape(x)[-2:]) != (q_len, kv_len):
+      return (f"cuDNN needs the {name} over the full [T, S] = [{q_len}, {kv_len}], got shape "
+              f"{tuple(np.shape(x))}")
   return None
 
 

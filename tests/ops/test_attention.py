@@ -383,9 +383,13 @@ def test_explicit_cudnn_on_cpu_says_what_is_available():
     ({"dtype": jnp.float32}, "bfloat16 or float16"),
     ({"head_dim": 256}, "head_dim must be a multiple of 8"),
     ({"softcap": 30.0}, "softcap"),
-    ({"segment_ids": object(), "return_weights": True}, "segment_ids, return_weights"),
-    ({"local_window_size": (4, 4)}, "right window"),
+    ({"segment_ids": object(), "return_weights": True}, "boundaries), return_weights"),
+    ({"segment_ids": object()}, "packed-segment boundaries"),
+    ({"local_window_size": (4, 4)}, "left bound"),
+    ({"local_window_size": (4, 0)}, "left bound"),  # jax PR 39576: would see the future
     ({"local_window_size": (4, 4), "is_causal": True}, None),
+    ({"mask": np.ones((1, 1, 1, 8), bool)}, "full [T, S]"),  # jax issue 28974
+    ({"mask": np.ones((1, 1, 8, 8), bool), "bias": np.zeros((1, 4, 8, 8))}, None),
 ])
 def test_cudnn_support_rules(overrides, expected):
   dtype = overrides.pop("dtype", jnp.bfloat16)
@@ -396,3 +400,42 @@ def test_cudnn_support_rules(overrides, expected):
     assert reason is None
   else:
     assert expected in reason
+
+
+def test_cudnn_rejects_causal_with_different_lengths():
+  q = jax.ShapeDtypeStruct((1, 8, 4, 64), jnp.bfloat16)
+  k = jax.ShapeDtypeStruct((1, 12, 4, 64), jnp.bfloat16)
+  reason = attention_lib.cudnn_unsupported_reason(query=q, key=k, value=k, is_causal=True)
+  assert "T != S" in reason
+  assert attention_lib.cudnn_unsupported_reason(query=q, key=k, value=k) is None
+
+
+# The cases jax.nn's cuDNN path gets silently wrong or refuses: on an NVIDIA GPU auto must
+# route them elsewhere, log why, and give the reference's numbers.
+_CUDNN_TRAPS = {
+    "packed_segments": dict(is_causal=True, segment_ids=np.repeat([[1, 2]], 8, axis=1)),
+    "window_not_causal": dict(local_window_size=(3, 0)),
+    "two_sided_window": dict(local_window_size=(2, 2)),
+    "broadcast_key_mask": dict(mask=(np.arange(16) < 11)[None, None, None, :]),
+}
+
+
+@pytest.mark.parametrize("case", list(_CUDNN_TRAPS))
+def test_cudnn_traps_fall_back_with_a_logged_reason_and_match_the_reference(
+    case, monkeypatch, caplog):
+  monkeypatch.setattr(attention_lib, "_is_nvidia_gpu", lambda: True)
+  attention_lib._log_fallback_once.cache_clear()
+  rng = np.random.default_rng(7)
+  q, k, v = (jnp.asarray(rng.normal(size=(1, 16, 4, 64)), jnp.bfloat16) for _ in range(3))
+  kwargs = {name: jnp.asarray(x) if isinstance(x, np.ndarray) else x
+            for name, x in _CUDNN_TRAPS[case].items()}
+  features = dict(query=q, key=k, value=v, **kwargs)
+  assert "cudnn" in attention_lib.available_implementations()
+  assert attention_lib.cudnn_unsupported_reason(**features) is not None
+  with caplog.at_level("INFO", logger=attention_lib.__name__):
+    out = dot_product_attention(q, k, v, **kwargs)  # would raise on CPU if it chose cuDNN
+  assert "instead of 'cudnn'" in caplog.text
+  with pytest.raises(ValueError, match="cannot run these arguments"):
+    dot_product_attention(q, k, v, implementation="cudnn", **kwargs)
+  expected = reference.attention(*(x.astype(jnp.float32) for x in (q, k, v)), **kwargs)
+  np.testing.assert_allclose(np.asarray(out, np.float32), expected, atol=3e-2, rtol=3e-2)
