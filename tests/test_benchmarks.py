@@ -88,3 +88,28 @@ def test_gpt350m_preset_has_about_350m_parameters():
   assert 300e6 < models.count_params(shapes["params"]) < 400e6
   with pytest.raises(ValueError, match="preset"):
     train_bench.apply_preset(default.get_config(), "gpt-9000")
+
+
+def _row(name, length, seconds, mode="fwd+bwd", flops=1e9):
+  return {"implementation": name, "length": length, "mode": mode, "median_s": seconds,
+          "model_gflops_per_s": flops / seconds / 1e9, "temp_bytes": 1}
+
+
+def test_attention_speed_targets_take_the_fastest_of_our_paths():
+  from experiments.benchmarks import attention as attn_bench
+
+  rows = [_row(attn_bench.JAX_NN, 2048, 1.0), _row(attn_bench.OURS, 2048, 0.6),
+          _row(attn_bench.BLOCKWISE, 2048, 0.4), _row(attn_bench.JAX_NN, 4096, 4.0),
+          _row(attn_bench.OURS, 4096, 1.0), _row(attn_bench.OURS, 1024, 9.0)]
+  verdicts = attn_bench.check_speed(rows, matmul_flops=5e9)
+  speed = verdicts["best path vs jax.nn fwd+bwd, T >= 2048"]
+  assert speed["ratio"] == pytest.approx(0.4) and speed["at"] == 2048 and speed["met"]
+  assert [b["implementation"] for b in speed["per_length"]] == [attn_bench.BLOCKWISE,
+                                                                attn_bench.OURS]
+  rate = verdicts["best path fraction of matmul rate, T >= 2048"]
+  assert rate["ratio"] == pytest.approx(1e9 / 1.0 / 5e9) and rate["at"] == 4096
+  assert not rate["met"]
+  assert "cudnn forward TFLOP/s, T >= 4096" not in verdicts
+  rows.append(_row(attn_bench.CUDNN, 4096, 1e-3, mode="fwd", flops=3e11))
+  cudnn = attn_bench.check_speed(rows, matmul_flops=5e9)["cudnn forward TFLOP/s, T >= 4096"]
+  assert cudnn["ratio"] == pytest.approx(300.0) and not cudnn["met"]

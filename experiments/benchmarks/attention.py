@@ -18,7 +18,13 @@ the targets:
     (ratio <= 1.05) at every length, forward and forward+backward;
   - blockwise temporary memory at T=8192 is <= 1/8 of the xla path's, and grows <= 5x from
     T=4096 to T=16384 (forward+backward);
-  - the linear-time mechanisms take <= 5x the time when T grows 4x (forward+backward).
+  - the linear-time mechanisms take <= 5x the time when T grows 4x (forward+backward);
+  - from T = 2048 our fastest softmax path takes <= 0.5x jax.nn's forward+backward time, and
+    reaches >= 35% of this host's measured float32 matmul rate (model FLOPs);
+  - on an NVIDIA GPU, the cudnn path's forward reaches >= 400 TFLOP/s from T = 4096 (run it
+    with --dtype bfloat16 --head_dim 128).
+`--rows_from results/attention_cpu.json` re-checks and re-plots an earlier run without
+measuring.
 Hardware: any; on this 2-core CPU the default lengths take ~20 minutes.
 """
 
@@ -35,6 +41,8 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from attn.ops import dot_product_attention, linear, sparse, variants
+from attn.train import metrics as metrics_lib
+from experiments.benchmarks import common
 
 _LENGTHS = flags.DEFINE_list(
     "lengths", ["256", "512", "1024", "2048", "4096", "8192", "16384"], "Sequence lengths (T = S).")
@@ -51,9 +59,9 @@ _MAX_QUADRATIC = flags.DEFINE_integer("max_quadratic_length", 8192,
 _MIN_REPS = flags.DEFINE_integer("min_reps", 5, "Minimum timed repetitions per implementation.")
 _MIN_SECONDS = flags.DEFINE_float("min_seconds", 2.0, "Keep repeating until this much time.")
 _TARGET = flags.DEFINE_float("target_ratio", 1.05, "Max time ratio ours / jax.nn.")
-_OUT = flags.DEFINE_string("out", "", "JSON path (default: results/attention_<device>.json).")
+_ROWS_FROM = flags.DEFINE_string("rows_from", "", "Measure nothing: re-check the targets and "
+                                 "re-plot the rows of this earlier JSON.")
 
-RESULTS_DIR = pathlib.Path(__file__).parent / "results"
 OURS = "attn (default)"
 JAX_NN = "jax.nn.dot_product_attention"
 FLAX = "flax.linen.dot_product_attention"
@@ -232,6 +240,47 @@ def check_scaling(rows: list[dict]) -> dict:
   return verdicts
 
 
+# Our softmax paths; "best CPU path" is the fastest of them at each length.
+SOFTMAX_PATHS = (OURS, XLA, BLOCKWISE)
+CUDNN = "attn (cudnn)"
+
+
+def check_speed(rows: list[dict], matmul_flops: float) -> dict:
+  """The speed targets: our best path vs jax.nn from T = 2048 (<= 0.5x), the fraction of the
+  host's matmul rate it reaches (aim >= 35%), and on a GPU cuDNN's forward rate (>= 400
+  TFLOP/s at T >= 4096; meant for bf16, head_dim 128)."""
+  verdicts = {}
+  best = []
+  for length in sorted({r["length"] for r in rows if r["length"] >= 2048}):
+    ours = [r for name in SOFTMAX_PATHS if (r := _lookup(rows, name, length))]
+    reference = _lookup(rows, JAX_NN, length)
+    if ours and reference:
+      fastest = min(ours, key=lambda r: r["median_s"])
+      best.append({"length": length, "implementation": fastest["implementation"],
+                   "ratio_vs_jax_nn": fastest["median_s"] / reference["median_s"],
+                   "fraction_of_matmul_rate": fastest["model_gflops_per_s"] * 1e9
+                   / matmul_flops,
+                   "jax_nn_fraction_of_matmul_rate": reference["model_gflops_per_s"] * 1e9
+                   / matmul_flops})
+  if best:
+    worst = max(best, key=lambda b: b["ratio_vs_jax_nn"])
+    verdicts["best path vs jax.nn fwd+bwd, T >= 2048"] = {
+        "ratio": worst["ratio_vs_jax_nn"], "at": worst["length"], "met": worst["ratio_vs_jax_nn"]
+        <= 0.5, "per_length": best}
+    low = min(best, key=lambda b: b["fraction_of_matmul_rate"])
+    verdicts["best path fraction of matmul rate, T >= 2048"] = {
+        "ratio": low["fraction_of_matmul_rate"], "at": low["length"],
+        "met": low["fraction_of_matmul_rate"] >= 0.35, "matmul_flops": matmul_flops}
+  cudnn = [r for r in rows if r["implementation"] == CUDNN and r["mode"] == "fwd"
+           and r["length"] >= 4096]
+  if cudnn:
+    low = min(cudnn, key=lambda r: r["model_gflops_per_s"])
+    verdicts["cudnn forward TFLOP/s, T >= 4096"] = {
+        "ratio": low["model_gflops_per_s"] / 1e3, "at": low["length"],
+        "met": low["model_gflops_per_s"] >= 400e3}
+  return verdicts
+
+
 def plot(rows: list[dict], path: pathlib.Path) -> bool:
   """Log-log time (forward, forward+backward) and memory against T; False without matplotlib."""
   try:
@@ -266,8 +315,11 @@ def plot(rows: list[dict], path: pathlib.Path) -> bool:
 def main(argv: list[str]) -> None:
   del argv
   device = jax.devices()[0]
-  rows = []
-  for length in map(int, _LENGTHS.value):
+  rows, settings = [], None
+  if _ROWS_FROM.value:
+    earlier = json.loads(pathlib.Path(_ROWS_FROM.value).read_text())
+    rows, settings = earlier["rows"], earlier["settings"]
+  for length in [] if _ROWS_FROM.value else map(int, _LENGTHS.value):
     rows.extend(run_length(length))
     print(f"done T={length}", flush=True)
   print_table(rows)
@@ -276,18 +328,16 @@ def main(argv: list[str]) -> None:
         f"{'MET' if verdict['met'] else 'NOT MET'} (worst {verdict['worst_ratio']:.3f} at "
         f"T={verdict['worst_at']['length']} {verdict['worst_at']['mode']})")
   scaling = check_scaling(rows)
+  scaling.update(check_speed(rows, metrics_lib.measure_matmul_flops()))
   for name, result in scaling.items():
     print(f"Target {name}: {result['ratio']:.3f} {'MET' if result['met'] else 'NOT MET'}")
-  device_name = device.device_kind.replace(" ", "_").lower()
-  out = pathlib.Path(_OUT.value or RESULTS_DIR / f"attention_{device_name}.json")
-  out.parent.mkdir(parents=True, exist_ok=True)
-  settings = {"batch": _BATCH.value, "heads": _HEADS.value, "kv_heads": _KV_HEADS.value or
-              _HEADS.value, "head_dim": _HEAD_DIM.value, "dtype": _DTYPE.value,
-              "causal": _CAUSAL.value}
-  out.write_text(json.dumps({
+  settings = settings or {"batch": _BATCH.value, "heads": _HEADS.value, "kv_heads":
+                          _KV_HEADS.value or _HEADS.value, "head_dim": _HEAD_DIM.value,
+                          "dtype": _DTYPE.value, "causal": _CAUSAL.value}
+  out = common.write_json({
       "device": device.device_kind, "platform": device.platform, "jax": jax.__version__,
       "host": platform.processor() or platform.machine(), "settings": settings,
-      "target": verdict, "scaling": scaling, "rows": rows}, indent=1))
+      "target": verdict, "scaling": scaling, "rows": rows}, "attention")
   print(f"wrote {out}")
   png = out.with_suffix(".png")
   if plot(rows, png):

@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
-import pathlib
 import platform
 import statistics
 import time
@@ -56,6 +54,7 @@ from attn.train import state as state_lib
 from attn.train import steps as steps_lib
 from attn.train.optimizer import make_optimizer
 from attn.train.tasks import make_task
+from experiments.benchmarks import common
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/default.py",
                                           "Experiment config file.")
@@ -64,9 +63,7 @@ _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per round and variant.")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Rounds (the variants alternate between rounds).")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps per variant after compiling.")
 _VARIANTS = flags.DEFINE_list("variants", ["attn", "flax"], "Which variants to run.")
-_OUT = flags.DEFINE_string("out", "", "JSON path (default: results/train_<preset>_<device>.json).")
 
-RESULTS_DIR = pathlib.Path(__file__).parent / "results"
 TARGET_RATIO = 1.0  # tokens/s attn / flax
 
 # Config overrides by preset name, applied on top of --config.
@@ -318,10 +315,7 @@ def main(argv: list[str]) -> None:
                      rounds=_ROUNDS.value, warmup=_WARMUP.value)
   result["preset"] = _PRESET.value
   print(format_table(result))
-  device = jax.devices()[0].device_kind.lower().replace(" ", "_")
-  path = pathlib.Path(_OUT.value or RESULTS_DIR / f"train_{_PRESET.value}_{device}.json")
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(result, indent=2, default=float) + "\n")
+  path = common.write_json(result, f"train_{_PRESET.value}")
   print(f"wrote {path}")
 
 

@@ -1,0 +1,28 @@
+"""What the benchmark scripts share: the --out flag and where results go.
+
+Defined once here so that the scripts can be imported side by side (absl flags are global).
+"""
+
+import json
+import pathlib
+from typing import Any
+
+import jax
+from absl import flags
+
+RESULTS_DIR = pathlib.Path(__file__).parent / "results"
+
+OUT = flags.DEFINE_string("out", "", "JSON path (default: results/<benchmark>_<device>.json).")
+
+
+def device_name() -> str:
+  """The first device's kind, lower case with underscores ('cpu', 'nvidia_h100_80gb_hbm3')."""
+  return jax.devices()[0].device_kind.replace(" ", "_").lower()
+
+
+def write_json(result: dict[str, Any], prefix: str) -> pathlib.Path:
+  """Writes `result` to --out or results/<prefix>_<device>.json; returns the path."""
+  path = pathlib.Path(OUT.value or RESULTS_DIR / f"{prefix}_{device_name()}.json")
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(result, indent=1, default=float) + "\n")
+  return path
