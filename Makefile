@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Parallel test workers; 2 matches the CI machine. Override: make test JOBS=8.
 JOBS ?= 2
 
-.PHONY: train test test-all bench lint clean
+.PHONY: train test test-all bench bench-train lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m experiments.benchmarks.attention
+
+bench-train: $(STAMP)
+	$(PY) -m experiments.benchmarks.train
 
 lint: $(STAMP)
 	$(PY) -m ruff check attn experiments launch tests

@@ -19,7 +19,7 @@ import numpy as np
 from attn.ops import masks as masks_lib
 from attn.ops.blockwise import blockwise_attention
 from attn.ops.pallas import pallas_attention, pallas_unsupported_reason
-from attn.ops.splash import splash_attention, splash_auto_reason, splash_unsupported_reason
+from attn.ops.splash import splash_attention, splash_unsupported_reason
 
 Array = jax.Array
 
@@ -97,10 +97,9 @@ def dot_product_attention(
       weights), 'cudnn' (NVIDIA GPUs), 'pallas' (JAX's Pallas kernels: on TPUs the splash
       kernel, which takes everything but bias, mask, prefix_lengths, dropout and returned
       weights, see `ops/splash.py`; on NVIDIA GPUs the flash kernel, causal and segment ids
-      only, T == S, never picked automatically) or None for the best available one that
-      supports the arguments. On one TPU device None picks 'pallas' from T * S >= 2^20 with
-      head dims that are multiples of 128. An explicit choice that cannot run raises a
-      ValueError.
+      only, T == S; neither is picked automatically, as neither has run on its hardware here)
+      or None for the best available one that supports the arguments. An explicit choice
+      that cannot run raises a ValueError.
     segment_ids: int `[B, T]` (self-attention) or a pair (`[B, T]`, `[B, S]`): packed sequences
       attend within their segment only.
     prefix_lengths: int `[B]`: prefix-LM, bidirectional over the first tokens, causal after
@@ -135,11 +134,26 @@ def dot_product_attention(
       local_window_size=local_window_size,
   )
   if implementation == "cudnn":
+    if is_causal and local_window_size is not None:
+      # The right bound means nothing under causal, and jax.nn refuses a right window once
+      # lengths turn its mask type from causal into padding-causal.
+      local_window_size = (local_window_size[0], 0)
     out = jax.nn.dot_product_attention(
-        query, key, value, bias, mask, scale=scale, is_causal=is_causal,
-        query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
-        local_window_size=local_window_size, implementation="cudnn",
+        query, key, value, None if bias is None else bias.astype(query.dtype), mask,
+        scale=scale, is_causal=is_causal, query_seq_lengths=query_seq_lengths,
+        key_value_seq_lengths=key_value_seq_lengths, local_window_size=local_window_size,
+        implementation="cudnn",
     )
+    if not _rows_never_empty(
+        query.shape[1], key.shape[1], mask=mask, is_causal=is_causal,
+        query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
+        segment_ids=None, local_window_size=local_window_size, prefix_lengths=None,
+        chunk_size=None):
+      # cuDNN turns the mask into a bias, so a row with every key masked averages the values.
+      out = masks_lib.zero_rows_without_keys(out, masks_lib.make_attention_mask(
+          query.shape[1], key.shape[1], mask=mask, is_causal=is_causal,
+          query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
+          local_window_size=local_window_size))
     return out[0] if unbatched else out
   if implementation == "pallas" and _is_tpu():
     out = splash_attention(
@@ -373,13 +387,9 @@ def _choose_implementation(implementation: str | None, **features) -> str:
       raise ValueError(f"implementation={implementation!r} cannot run these arguments: "
                        f"{reason}.")
     return implementation
-  # Auto never picks the GPU 'pallas': it has only run in interpret mode on CPU here.
+  # Auto never picks 'pallas' (the TPU splash or GPU Triton kernel): both have only run in
+  # Pallas interpret mode on CPU here, never compiled for the hardware. Ask for it explicitly.
   fallback = "blockwise" if _prefer_blockwise(**features) else "xla"
-  if _is_tpu():
-    reason = splash_auto_reason(**features)
-    if reason is None:
-      return "pallas"
-    _log_fallback_once(fallback, reason, "pallas")
   if "cudnn" in available:
     reason = cudnn_unsupported_reason(**features)
     if reason is None:

@@ -123,12 +123,14 @@ def _causal(phi_q: Array, phi_k: Array, v: Array, chunk_size: int) -> tuple[Arra
 
 
 def _exclusive_prefix_sum(x: Array) -> Array:
-  """out[:, i] = sum of x[:, j] for j < i, along axis 1, in O(n) work.
+  """out[:, i] = sum of x[:, j] for j < i, along axis 1.
 
-  A sequential scan: XLA:CPU lowers `jnp.cumsum` to a windowed reduction that is quadratic in
-  the number of chunks (at T = 4096, n = 64 chunks, it took more time than all the attention
-  matmuls and made the causal form grow 6-7x from T = 1024 to 4096).
+  On CPU a sequential scan: XLA:CPU's `jnp.cumsum` costs time quadratic in the number of chunks
+  (at T = 4096, n = 64 chunks, it took more time than all the attention matmuls and made the
+  causal form grow 6-7x from T = 1024 to 4096). Accelerators keep their parallel cumsum.
   """
+  if jax.default_backend() != "cpu":
+    return jnp.cumsum(x, axis=1) - x
 
   def step(total: Array, x_i: Array) -> tuple[Array, Array]:
     return total + x_i, total

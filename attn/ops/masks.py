@@ -219,3 +219,13 @@ def make_attention_mask(
       else None,
       seg_mask,
   )
+
+
+def zero_rows_without_keys(out: Array, mask: Array) -> Array:
+  """`out` `[B, T, N, Hv]` with every query row that `mask` `[B|1, N|1, T, S]` leaves without a
+  key set to zero (which also zeroes its gradients).
+
+  For kernels that return something else there (the mean of the values, or NaN).
+  """
+  sees_a_key = jnp.any(mask, axis=-1).transpose(0, 2, 1)[..., None]  # [B|1, T, N|1, 1]
+  return jnp.where(sees_a_key, out, jnp.zeros((), out.dtype))

@@ -24,8 +24,8 @@ How our contract is kept on a kernel that has no scale and no empty rows:
 Block sizes: multiples of 128 (the TPU lane width), default 512 as in MaxText's splash config;
 each is shrunk to the largest multiple of 128 that divides the sequence padded to 128, so short or
 odd lengths are not padded to 512. The kernel runs per example (vmapped over the batch) and per
-device: under a sharded `jit` XLA cannot partition it, so auto picks it only on one device
-(`splash_auto_reason`); on a mesh, call it explicitly inside `shard_map`.
+device: under a sharded `jit` XLA cannot partition it, so on a mesh call it inside `shard_map`.
+`implementation=None` never picks it: it has run in interpret mode only, not on a TPU.
 
 The same kernel runs on CPU in Pallas interpret mode (`interpret=True`), which is how the tests
 check it against the reference without a TPU.
@@ -44,10 +44,6 @@ Array = jax.Array
 
 _LANES = 128  # TPU lane width: every splash block is a multiple of it
 _PAD_SEGMENT = int(np.iinfo(np.int32).min)  # segment id of padded keys; real ids must differ
-# Auto picks splash from this many logits per head (T x S): below it XLA's fused attention is
-# cheap and the 128-padding and kernel launches dominate. Not measured here (no TPU): it is the
-# size from which the CPU measurements of `attention.py` favour the tiled path.
-_AUTO_MIN_LOGITS = 1024 * 1024
 
 
 def splash_unsupported_reason(
@@ -79,21 +75,6 @@ def splash_unsupported_reason(
   if query.shape[-1] != key.shape[-1]:
     return "the splash kernel needs equal query and key head dims"
   del value
-  return None
-
-
-def splash_auto_reason(*, query: Array, key: Array, value: Array, **features) -> str | None:
-  """Why auto (`implementation=None`) should not pick splash on a TPU, or None if it should."""
-  reason = splash_unsupported_reason(query=query, key=key, value=value, **features)
-  if reason is not None:
-    return reason
-  if jax.device_count() > 1:
-    return ("the splash kernel is per device and XLA cannot partition it over a mesh; request "
-            "implementation='pallas' inside shard_map instead")
-  if query.shape[-1] % _LANES or value.shape[-1] % _LANES:
-    return f"auto uses the splash kernel for head dims that are multiples of {_LANES} only"
-  if query.shape[1] * key.shape[1] < _AUTO_MIN_LOGITS:
-    return f"T * S < {_AUTO_MIN_LOGITS} logits, where XLA's fused attention is as fast"
   return None
 
 
@@ -239,10 +220,8 @@ def splash_attention(
 
   if separate_ids or key_value_seq_lengths is not None or query_seq_lengths is not None:
     # Rows the dynamic ids or lengths may empty; the static mask is in there as well.
-    sees_a_key = masks_lib.make_attention_mask(
+    out = masks_lib.zero_rows_without_keys(out, masks_lib.make_attention_mask(
         rows, kv_len, is_causal=is_causal, local_window_size=window, chunk_size=chunk_size,
         segment_ids=None if segment_ids is None else (q_ids[:, :rows], kv_ids),
-        query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
-    ).any(axis=-1)[:, 0]
-    out = jnp.where(sees_a_key[:, :, None, None], out, jnp.zeros((), out.dtype))
+        query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths))
   return _pad_axis1(out, q_len)

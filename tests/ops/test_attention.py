@@ -439,3 +439,40 @@ def test_cudnn_traps_fall_back_with_a_logged_reason_and_match_the_reference(
     dot_product_attention(q, k, v, implementation="cudnn", **kwargs)
   expected = reference.attention(*(x.astype(jnp.float32) for x in (q, k, v)), **kwargs)
   np.testing.assert_allclose(np.asarray(out, np.float32), expected, atol=3e-2, rtol=3e-2)
+
+
+def test_cudnn_call_fixes_up_windows_bias_dtype_and_empty_rows(monkeypatch):
+  """On a (simulated) GPU the cuDNN call gets a causal window without its meaningless right
+  bound, a bias in the inputs' dtype, and rows that see no key come back as zeros (jax.nn,
+  like cuDNN's mask-as-bias, gives the mean of the values there)."""
+  monkeypatch.setattr(attention_lib, "_is_nvidia_gpu", lambda: True)
+  original = jax.nn.dot_product_attention
+  calls = []
+
+  def fake_cudnn(*args, implementation=None, **kwargs):
+    calls.append((args, kwargs))
+    assert implementation == "cudnn"
+    return original(*args, implementation="xla", **kwargs)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", fake_cudnn)
+  rng = np.random.default_rng(8)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, 16, 4, 64)), jnp.bfloat16) for _ in range(3))
+  mask = np.ones((2, 1, 16, 16), bool)
+  mask[0, :, 5] = False  # query 5 of example 0 sees no key
+  cases = [
+      dict(is_causal=True, local_window_size=(4, 4),
+           key_value_seq_lengths=jnp.array([16, 9], jnp.int32)),
+      dict(mask=jnp.asarray(mask), bias=jnp.asarray(rng.normal(size=(1, 4, 16, 16)),
+                                                    jnp.float32)),
+  ]
+  for kwargs in cases:
+    calls.clear()
+    out = dot_product_attention(q, k, v, **kwargs)
+    (args, call_kwargs), = calls
+    if "local_window_size" in kwargs:
+      assert call_kwargs["local_window_size"] == (4, 0)
+    if "bias" in kwargs:
+      assert args[3].dtype == jnp.bfloat16
+    expected = reference.attention(*(x.astype(jnp.float32) for x in (q, k, v)), **kwargs)
+    np.testing.assert_allclose(np.asarray(out, np.float32), expected, atol=5e-2, rtol=5e-2)
+  assert np.all(np.asarray(out[0, 5], np.float32) == 0)
