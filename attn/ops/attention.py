@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attn.ops import masks as masks_lib
+from attn.ops import support
 from attn.ops.blockwise import blockwise_attention
 from attn.ops.pallas import pallas_attention, pallas_unsupported_reason
 from attn.ops.splash import splash_attention, splash_unsupported_reason
@@ -317,17 +318,16 @@ def cudnn_unsupported_reason(
     return f"head_dim must be a multiple of 8 and <= {_CUDNN_MAX_HEAD_DIM}, got {head_dim}"
   if key.shape[-1] != value.shape[-1]:
     return "key and value head dims differ"
-  unsupported = {
+  reason = support.unsupported("cuDNN path", {
       "softcap": softcap is not None,
       "segment_ids (cuDNN would ignore the packed-segment boundaries)": segment_ids is not None,
       "prefix_lengths": prefix_lengths is not None,
       "chunk_size": chunk_size is not None,
       "dropout_rate": dropout_rate > 0.0,
       "return_weights": return_weights,
-  }
-  named = [name for name, used in unsupported.items() if used]
-  if named:
-    return f"cuDNN path does not support {', '.join(named)}"
+  })
+  if reason is not None:
+    return reason
   if local_window_size is not None and not is_causal:
     return ("jax.nn's cuDNN path passes only the left bound of a sliding window, so without "
             "is_causal=True it would attend to the future")
@@ -345,11 +345,8 @@ def blockwise_unsupported_reason(
     *, dropout_rate: float = 0.0, return_weights: bool = False, **_
 ) -> str | None:
   """Why the blockwise path cannot run these arguments, or None if it can."""
-  unsupported = {"dropout_rate": dropout_rate > 0.0, "return_weights": return_weights}
-  named = [name for name, used in unsupported.items() if used]
-  if named:
-    return f"blockwise never forms the weights, so it does not support {', '.join(named)}"
-  return None
+  return support.unsupported("blockwise never forms the weights, so it", {
+      "dropout_rate": dropout_rate > 0.0, "return_weights": return_weights})
 
 
 def _prefer_blockwise(*, query: Array, key: Array, **features) -> bool:

@@ -17,6 +17,8 @@ Shapes: B batch, T length (T == S), N query heads, K key/value heads, H head dim
 import jax
 import jax.numpy as jnp
 
+from attn.ops import support
+
 Array = jax.Array
 
 _PAD_SEGMENT = -1  # segment id of the padding rows; real ids must differ from it
@@ -41,7 +43,7 @@ def pallas_unsupported_reason(
     **_,
 ) -> str | None:
   """Why the Pallas GPU kernel cannot run these arguments, or None if it can."""
-  unsupported = {
+  reason = support.unsupported("the Pallas kernel", {
       "bias": bias is not None, "mask": mask is not None, "softcap": softcap is not None,
       "query_seq_lengths": query_seq_lengths is not None,
       "key_value_seq_lengths": key_value_seq_lengths is not None,
@@ -49,10 +51,9 @@ def pallas_unsupported_reason(
       "prefix_lengths": prefix_lengths is not None, "chunk_size": chunk_size is not None,
       "dropout_rate": dropout_rate > 0.0, "return_weights": return_weights,
       "separate query and key segment_ids": isinstance(segment_ids, (tuple, list)),
-  }
-  named = [name for name, used in unsupported.items() if used]
-  if named:
-    return f"the Pallas kernel does not support {', '.join(named)}"
+  })
+  if reason is not None:
+    return reason
   if query.shape[1] != key.shape[1]:
     return f"the Pallas kernel needs T == S, got T={query.shape[1]}, S={key.shape[1]}"
   if not query.shape[-1] == key.shape[-1] == value.shape[-1]:

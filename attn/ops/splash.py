@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attn.ops import masks as masks_lib
+from attn.ops import support
 
 Array = jax.Array
 
@@ -60,14 +61,13 @@ def splash_unsupported_reason(
     **_,  # is_causal, local_window_size, chunk_size, segment_ids, lengths: splash takes them
 ) -> str | None:
   """Why the splash kernel cannot run these arguments, or None if it can."""
-  unsupported = {
+  reason = support.unsupported("the splash kernel", {
       "bias": bias is not None, "mask": mask is not None,
       "prefix_lengths": prefix_lengths is not None, "dropout_rate": dropout_rate > 0.0,
       "return_weights": return_weights,
-  }
-  named = [name for name, used in unsupported.items() if used]
-  if named:
-    return f"the splash kernel does not support {', '.join(named)}"
+  })
+  if reason is not None:
+    return reason
   if softcap is not None and not isinstance(softcap, (int, float, np.floating)):
     return "the splash kernel needs softcap as a Python float (it is compiled in)"
   if not (query.shape[1] and key.shape[1]):
