@@ -104,22 +104,30 @@ def _causal(phi_q: Array, phi_k: Array, v: Array, chunk_size: int) -> tuple[Arra
     phi_k = jnp.pad(phi_k, ((0, 0), (0, pad), (0, 0), (0, 0)))
     v = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0)))
   n = padded // c
-  q_c = phi_q.reshape(batch, n, c, heads, groups, features)
-  k_c = phi_k.reshape(batch, n, c, heads, features)
-  v_c = v.reshape(batch, n, c, heads, v.shape[-1])
-  # Inside a chunk: an explicit lower-triangular C x C product.
-  tril = jnp.tril(jnp.ones((c, c), bool))[None, None, None, None]
-  scores = jnp.einsum("bnckgf,bnskf->bnkgcs", q_c, k_c)
-  scores = jnp.where(tril, scores, 0.0)
-  num = jnp.einsum("bnkgcs,bnskh->bnckgh", scores, v_c)
-  den = jnp.sum(scores, axis=-1).transpose(0, 1, 4, 2, 3)  # [b, n, c, k, g]
-  # Across chunks: the summaries of all earlier chunks (an exclusive prefix sum).
-  kv_before = _exclusive_prefix_sum(jnp.einsum("bnskf,bnskh->bnkfh", k_c, v_c))
-  z_before = _exclusive_prefix_sum(jnp.sum(k_c, axis=2))
-  num = num + jnp.einsum("bnckgf,bnkfh->bnckgh", q_c, kv_before)
-  den = den + jnp.einsum("bnckgf,bnkf->bnckg", q_c, z_before)
-  num = num.reshape(batch, padded, heads, groups, -1)[:, :q_len]
-  return num, den.reshape(batch, padded, heads, groups)[:, :q_len]
+  value_dim = v.shape[-1]
+  # Heads-major, with the G query heads of a key/value head stacked inside each chunk: every
+  # product below is a plain batched matmul over [B, K, n], no transposed outputs (~10% faster
+  # fwd+bwd at T = 2048-4096 on CPU than the [B, n, C, K, G] layout).
+  q_c = (phi_q.reshape(batch, n, c, heads, groups, features).transpose(0, 3, 1, 4, 2, 5)
+         .reshape(batch, heads, n, groups * c, features))  # [B, K, n, G*C, F]
+  k_c = phi_k.reshape(batch, n, c, heads, features).transpose(0, 3, 1, 2, 4)  # [B, K, n, C, F]
+  v_c = v.reshape(batch, n, c, heads, value_dim).transpose(0, 3, 1, 2, 4)  # [B, K, n, C, Hv]
+  # Inside a chunk: an explicit lower-triangular C x C product (one copy per query head).
+  tril = jnp.tile(jnp.tril(jnp.ones((c, c), bool)), (groups, 1))  # [G*C, C]
+  scores = jnp.where(tril, jnp.einsum("bkncf,bknsf->bkncs", q_c, k_c), 0.0)
+  # Across chunks: the summaries of all earlier chunks (an exclusive prefix sum over n).
+  kv = jnp.einsum("bknsf,bknsh->bknfh", k_c, v_c).transpose(0, 2, 1, 3, 4)  # [B, n, K, F, Hv]
+  kv_before = _exclusive_prefix_sum(kv).transpose(0, 2, 1, 3, 4)
+  z_before = _exclusive_prefix_sum(jnp.sum(k_c, axis=3).transpose(0, 2, 1, 3))
+  num = (jnp.einsum("bkncs,bknsh->bknch", scores, v_c)
+         + jnp.einsum("bkncf,bknfh->bknch", q_c, kv_before))
+  den = (jnp.sum(scores, axis=-1)
+         + jnp.einsum("bkncf,bknf->bknc", q_c, z_before.transpose(0, 2, 1, 3)))
+  num = (num.reshape(batch, heads, n, groups, c, value_dim).transpose(0, 2, 4, 1, 3, 5)
+         .reshape(batch, padded, heads, groups, value_dim))
+  den = (den.reshape(batch, heads, n, groups, c).transpose(0, 2, 4, 1, 3)
+         .reshape(batch, padded, heads, groups))
+  return num[:, :q_len], den[:, :q_len]
 
 
 def _exclusive_prefix_sum(x: Array) -> Array:
