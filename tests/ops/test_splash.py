@@ -25,7 +25,7 @@ _splash = functools.partial(splash_attention, block_q=128, block_kv=128, interpr
 def _case(name: str) -> dict:
   """Shapes, splash arguments and the same mask as an explicit NumPy predicate `[B, 1, T, S]`."""
   t = s = 130
-  kv_heads, op, gain = 2, {}, 1.0
+  kv_heads, op, gain, value_dim = 2, {}, 1.0, H
   extra = None  # a [B, T, S] predicate ANDed to the positional one
   if name == "causal":
     t = s = 128  # block-aligned: no padding, no segment ids inside
@@ -59,6 +59,11 @@ def _case(name: str) -> dict:
   elif name == "window_tall":
     # Rows i >= 67 see no key: the static mask empties a suffix of the queries.
     t, s, kv_heads, op = 200, 64, 1, {"local_window_size": (3, 2)}
+  elif name == "chunked_tall":
+    # T > S with chunks: rows from 96 on have no key in their chunk (a suffix of empty rows).
+    t, s, op = 200, 64, {"chunk_size": 48}
+  elif name == "value_dim":
+    op, value_dim = {"is_causal": True}, 2 * H  # Hv != H
   elif name == "lengths":
     q_lens, kv_lens = np.array([90, 130], np.int32), np.array([0, 70], np.int32)
     op = {"is_causal": True, "query_seq_lengths": q_lens, "key_value_seq_lengths": kv_lens}
@@ -77,12 +82,13 @@ def _case(name: str) -> dict:
     mask &= i // op["chunk_size"] == j // op["chunk_size"]
   mask = np.broadcast_to(mask, (B, t, s)) & (True if extra is None else extra)
   return dict(t=t, s=s, kv_heads=kv_heads, op=op, gain=gain, mask=mask[:, None],
-              softcap=op.get("softcap"))
+              softcap=op.get("softcap"), value_dim=value_dim)
 
 
 def _inputs(case: dict, dtype, rng: np.random.Generator):
+  value_dim = case["value_dim"]
   shapes = [(B, case["t"], N, H), (B, case["s"], case["kv_heads"], H),
-            (B, case["s"], case["kv_heads"], H), (B, case["t"], N, H)]
+            (B, case["s"], case["kv_heads"], value_dim), (B, case["t"], N, value_dim)]
   arrays = [rng.normal(size=shape) for shape in shapes]
   arrays[0] = arrays[0] * case["gain"]
   return [jnp.asarray(a, dtype) for a in arrays]
@@ -106,7 +112,8 @@ def _forward_and_grads(q, k, v, dout, op: dict):
 
 
 CASES = ["causal", "none", "window_causal", "window_two_sided", "chunked_window", "segments",
-         "separate_segments", "softcap", "causal_wide", "causal_tall", "window_tall", "lengths"]
+         "separate_segments", "softcap", "causal_wide", "causal_tall", "window_tall", "lengths",
+         "chunked_tall", "value_dim"]
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -124,7 +131,7 @@ def test_forward_and_gradients_match_float64_numpy(name):
     assert _rel_err(grad, expected) < 2 * TOLERANCE["float32"], f"d{name_}"
   # Rows that see no key are exactly zero, with exactly zero query gradients.
   empty = ~case["mask"][:, 0].any(-1)  # [B, T]
-  if name in ("separate_segments", "window_tall", "lengths"):
+  if name in ("separate_segments", "window_tall", "lengths", "chunked_tall"):
     assert empty.any()
   np.testing.assert_array_equal(np.asarray(out)[empty], 0.0)
   np.testing.assert_array_equal(np.asarray(grads[0])[empty], 0.0)
