@@ -102,7 +102,8 @@ def dot_product_attention(
       or None for the best available one that supports the arguments. An explicit choice
       that cannot run raises a ValueError.
     segment_ids: int `[B, T]` (self-attention) or a pair (`[B, T]`, `[B, S]`): packed sequences
-      attend within their segment only.
+      attend within their segment only. The 'pallas' kernels pad with ids of their own, so
+      there ids must not be -1 (GPU) or the int32 minimum (TPU).
     prefix_lengths: int `[B]`: prefix-LM, bidirectional over the first tokens, causal after
       (implies causal).
     chunk_size: causal attention inside chunks of this many positions.
