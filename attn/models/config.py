@@ -16,7 +16,7 @@ from ml_collections import config_dict
 from attn.layers.feedforward import FFN_KINDS
 from attn.layers.norms import NORMS
 from attn.layers.variants import ATTENTION
-from attn.ops.attention import IMPLEMENTATIONS
+from attn.ops.dispatch import IMPLEMENTATIONS
 
 KINDS = ("lm", "encoder_decoder", "encoder", "classifier", "vit")
 POSITIONS = ("sinusoidal", "learned", "rope", "alibi", "t5", "none")

@@ -1,12 +1,9 @@
 """Pure JAX attention ops: no Flax, no config objects. Layout [batch, seq, heads, head_dim]."""
 
 from attn.ops import blockwise, linear, masks, positions, reference, sparse, variants
-from attn.ops.attention import (
-    IMPLEMENTATIONS,
-    available_implementations,
-    dot_product_attention,
-)
+from attn.ops.attention import dot_product_attention
 from attn.ops.blockwise import blockwise_attention
+from attn.ops.dispatch import IMPLEMENTATIONS, available_implementations
 from attn.ops.linear import linear_attention, performer_attention
 from attn.ops.variants import (
     cosine_attention,

@@ -10,54 +10,18 @@ H head dim (Hv for values).
 """
 
 import functools
-import logging
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attn.ops import dispatch
 from attn.ops import masks as masks_lib
-from attn.ops import support
 from attn.ops.blockwise import blockwise_attention
-from attn.ops.pallas import pallas_attention, pallas_unsupported_reason
-from attn.ops.splash import splash_attention, splash_unsupported_reason
+from attn.ops.pallas import pallas_attention
+from attn.ops.splash import splash_attention
 
 Array = jax.Array
-
-# Every implementation this module knows; `available_implementations()` says which run here.
-IMPLEMENTATIONS = ("xla", "blockwise", "cudnn", "pallas")
-_CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
-_CUDNN_MAX_HEAD_DIM = 128
-# Auto picks 'blockwise' when the float32 logits of one call would take more than this...
-_BLOCKWISE_MIN_LOGITS_BYTES = 2**30
-# ...and on CPU already from this T x S: there XLA's path is bound by memory traffic over the
-# T x S matrix, and the tiled loop measured 1.6x to 2.3x faster (forward and forward+backward,
-# causal or not) at T = S = 1024 (B=1, N=4, H=64; experiments/benchmarks/attention.py), but
-# not faster at T = 512.
-_CPU_BLOCKWISE_MIN_LOGITS = 1024 * 1024
-
-_log = logging.getLogger(__name__)
-
-
-def _is_nvidia_gpu() -> bool:
-  if jax.default_backend() != "gpu":
-    return False
-  version = getattr(jax.devices()[0].client, "platform_version", "") or ""
-  return "rocm" not in version.lower()
-
-
-def _is_tpu() -> bool:
-  return jax.default_backend() == "tpu"
-
-
-def available_implementations() -> tuple[str, ...]:
-  """The implementations that run on the default backend, best first after 'xla'."""
-  if _is_nvidia_gpu():
-    return ("xla", "blockwise", "cudnn", "pallas")
-  if _is_tpu():
-    return ("xla", "blockwise", "pallas")
-  return ("xla", "blockwise")
-
 
 def dot_product_attention(
     query: Array,
@@ -127,7 +91,7 @@ def dot_product_attention(
   if scale is None:
     scale = 1.0 / np.sqrt(query.shape[-1])
 
-  implementation = _choose_implementation(
+  implementation = dispatch.choose_implementation(
       implementation, query=query, key=key, value=value, bias=bias, mask=mask,
       query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
       softcap=softcap,
@@ -157,7 +121,7 @@ def dot_product_attention(
           query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
           local_window_size=local_window_size))
     return out[0] if unbatched else out
-  if implementation == "pallas" and _is_tpu():
+  if implementation == "pallas" and dispatch.is_tpu():
     out = splash_attention(
         query, key, value, scale=scale, is_causal=is_causal, local_window_size=local_window_size,
         chunk_size=chunk_size, segment_ids=segment_ids, softcap=softcap,
@@ -281,127 +245,6 @@ def _xla_attention(
   if groups > 1:
     weights = weights.transpose(0, 1, 3, 2, 4).reshape(batch, num_heads, q_len, kv_len)
   return out, weights
-
-
-def cudnn_unsupported_reason(
-    *,
-    query: Array,
-    key: Array,
-    value: Array,
-    bias=None,
-    mask=None,
-    softcap: float | None = None,
-    segment_ids=None,
-    prefix_lengths=None,
-    chunk_size: int | None = None,
-    dropout_rate: float = 0.0,
-    return_weights: bool = False,
-    is_causal: bool = False,
-    local_window_size: tuple[int, int] | None = None,
-    **_,  # sequence lengths: cuDNN takes them
-) -> str | None:
-  """Why JAX's cuDNN flash attention cannot run these arguments, or None if it can.
-
-  Besides what cuDNN lacks, this refuses the cases where `jax.nn`'s cuDNN path is known to be
-  silently wrong or to fail, so that they fall back to our own paths:
-  - packed sequences: segment ids are not passed to cuDNN at all (boundaries ignored);
-  - a sliding window without `is_causal`: only the left bound reaches cuDNN, so queries attend
-    to the whole future (jax-ml/jax PR 39576, open);
-  - causal with T != S: not verified here on hardware that cuDNN aligns it top-left like
-    `masks` (decoding with a cache passes an explicit mask instead);
-  - a mask or bias not spelled out over [T, S]: the cuDNN path copies the mask into a bias
-    and rejects broadcast shapes (jax-ml/jax issue 28974).
-  """
-  if query.dtype not in _CUDNN_DTYPES:
-    return f"cuDNN flash attention needs bfloat16 or float16 inputs, got {query.dtype}"
-  head_dim = query.shape[-1]
-  if head_dim > _CUDNN_MAX_HEAD_DIM or head_dim % 8:
-    return f"head_dim must be a multiple of 8 and <= {_CUDNN_MAX_HEAD_DIM}, got {head_dim}"
-  if key.shape[-1] != value.shape[-1]:
-    return "key and value head dims differ"
-  reason = support.unsupported("cuDNN path", {
-      "softcap": softcap is not None,
-      "segment_ids (cuDNN would ignore the packed-segment boundaries)": segment_ids is not None,
-      "prefix_lengths": prefix_lengths is not None,
-      "chunk_size": chunk_size is not None,
-      "dropout_rate": dropout_rate > 0.0,
-      "return_weights": return_weights,
-  })
-  if reason is not None:
-    return reason
-  if local_window_size is not None and not is_causal:
-    return ("jax.nn's cuDNN path passes only the left bound of a sliding window, so without "
-            "is_causal=True it would attend to the future")
-  q_len, kv_len = query.shape[1], key.shape[1]
-  if is_causal and q_len != kv_len:
-    return f"causal attention with T != S ({q_len} vs {kv_len}) is not verified on cuDNN"
-  for name, x in (("mask", mask), ("bias", bias)):
-    if x is not None and tuple(np.shape(x)[-2:]) != (q_len, kv_len):
-      return (f"cuDNN needs the {name} over the full [T, S] = [{q_len}, {kv_len}], got shape "
-              f"{tuple(np.shape(x))}")
-  return None
-
-
-def blockwise_unsupported_reason(
-    *, dropout_rate: float = 0.0, return_weights: bool = False, **_
-) -> str | None:
-  """Why the blockwise path cannot run these arguments, or None if it can."""
-  return support.unsupported("blockwise never forms the weights, so it", {
-      "dropout_rate": dropout_rate > 0.0, "return_weights": return_weights})
-
-
-def _prefer_blockwise(*, query: Array, key: Array, **features) -> bool:
-  """Auto: blockwise when the logits would be too large, or on CPU when it is faster."""
-  if blockwise_unsupported_reason(**features) is not None:
-    return False
-  batch, q_len, num_heads, _ = query.shape
-  logits = q_len * key.shape[1]
-  if batch * num_heads * logits * 4 > _BLOCKWISE_MIN_LOGITS_BYTES:
-    return True
-  return jax.default_backend() == "cpu" and logits >= _CPU_BLOCKWISE_MIN_LOGITS
-
-
-def _choose_implementation(implementation: str | None, **features) -> str:
-  """Resolve `implementation`; explicit choices that cannot run raise, None falls back."""
-  available = available_implementations()
-  if implementation is not None and implementation not in IMPLEMENTATIONS:
-    raise ValueError(
-        f"implementation={implementation!r} is unknown; choose one of {IMPLEMENTATIONS} "
-        f"(on this backend: {available}) or None for the best available."
-    )
-  if implementation == "xla":
-    return "xla"
-  if implementation is not None and implementation not in available:
-    raise ValueError(
-        f"implementation={implementation!r} is not available on backend "
-        f"{jax.default_backend()!r}; available here: {available}. Use None to pick the best "
-        f"available automatically."
-    )
-  checks = {"blockwise": blockwise_unsupported_reason,
-            "pallas": splash_unsupported_reason if _is_tpu() else pallas_unsupported_reason}
-  if implementation in checks:
-    reason = checks[implementation](**features)
-    if reason is not None:
-      raise ValueError(f"implementation={implementation!r} cannot run these arguments: "
-                       f"{reason}.")
-    return implementation
-  # Auto never picks 'pallas' (the TPU splash or GPU Triton kernel): both have only run in
-  # Pallas interpret mode on CPU here, never compiled for the hardware. Ask for it explicitly.
-  fallback = "blockwise" if _prefer_blockwise(**features) else "xla"
-  if "cudnn" in available:
-    reason = cudnn_unsupported_reason(**features)
-    if reason is None:
-      return "cudnn"
-    if implementation == "cudnn":
-      raise ValueError(f"implementation='cudnn' cannot run these arguments: {reason}.")
-    _log_fallback_once(fallback, reason)
-  return fallback
-
-
-@functools.cache
-def _log_fallback_once(fallback: str, reason: str, instead_of: str = "cudnn") -> None:
-  _log.info("dot_product_attention: using %r instead of %r because %s.", fallback, instead_of,
-            reason)
 
 
 def _divisors(n: int) -> list[int]:

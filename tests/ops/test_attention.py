@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from attn.ops import attention as attention_lib
-from attn.ops import dot_product_attention, reference
+from attn.ops import dispatch, dot_product_attention, reference
 from attn.ops import masks as masks_lib
 from tests import np_reference
 
@@ -372,7 +372,7 @@ def test_bad_input_raises_a_clear_value_error(make, match):
 
 
 def test_explicit_cudnn_on_cpu_says_what_is_available():
-  assert attention_lib.available_implementations() == ("xla", "blockwise")
+  assert dispatch.available_implementations() == ("xla", "blockwise")
   with pytest.raises(ValueError,
                      match=r"'cudnn' is not available on backend 'cpu'.*\('xla', 'blockwise'\)"):
     dot_product_attention(*_qkv(), implementation="cudnn")
@@ -395,7 +395,7 @@ def test_cudnn_support_rules(overrides, expected):
   dtype = overrides.pop("dtype", jnp.bfloat16)
   head_dim = overrides.pop("head_dim", 64)
   q = jax.ShapeDtypeStruct((1, 8, 4, head_dim), dtype)
-  reason = attention_lib.cudnn_unsupported_reason(query=q, key=q, value=q, **overrides)
+  reason = dispatch.cudnn_unsupported_reason(query=q, key=q, value=q, **overrides)
   if expected is None:
     assert reason is None
   else:
@@ -405,9 +405,9 @@ def test_cudnn_support_rules(overrides, expected):
 def test_cudnn_rejects_causal_with_different_lengths():
   q = jax.ShapeDtypeStruct((1, 8, 4, 64), jnp.bfloat16)
   k = jax.ShapeDtypeStruct((1, 12, 4, 64), jnp.bfloat16)
-  reason = attention_lib.cudnn_unsupported_reason(query=q, key=k, value=k, is_causal=True)
+  reason = dispatch.cudnn_unsupported_reason(query=q, key=k, value=k, is_causal=True)
   assert "T != S" in reason
-  assert attention_lib.cudnn_unsupported_reason(query=q, key=k, value=k) is None
+  assert dispatch.cudnn_unsupported_reason(query=q, key=k, value=k) is None
 
 
 # The cases jax.nn's cuDNN path gets silently wrong or refuses: on an NVIDIA GPU auto must
@@ -423,16 +423,16 @@ _CUDNN_TRAPS = {
 @pytest.mark.parametrize("case", list(_CUDNN_TRAPS))
 def test_cudnn_traps_fall_back_with_a_logged_reason_and_match_the_reference(
     case, monkeypatch, caplog):
-  monkeypatch.setattr(attention_lib, "_is_nvidia_gpu", lambda: True)
-  attention_lib._log_fallback_once.cache_clear()
+  monkeypatch.setattr(dispatch, "is_nvidia_gpu", lambda: True)
+  dispatch._log_fallback_once.cache_clear()
   rng = np.random.default_rng(7)
   q, k, v = (jnp.asarray(rng.normal(size=(1, 16, 4, 64)), jnp.bfloat16) for _ in range(3))
   kwargs = {name: jnp.asarray(x) if isinstance(x, np.ndarray) else x
             for name, x in _CUDNN_TRAPS[case].items()}
   features = dict(query=q, key=k, value=v, **kwargs)
-  assert "cudnn" in attention_lib.available_implementations()
-  assert attention_lib.cudnn_unsupported_reason(**features) is not None
-  with caplog.at_level("INFO", logger=attention_lib.__name__):
+  assert "cudnn" in dispatch.available_implementations()
+  assert dispatch.cudnn_unsupported_reason(**features) is not None
+  with caplog.at_level("INFO", logger=dispatch.__name__):
     out = dot_product_attention(q, k, v, **kwargs)  # would raise on CPU if it chose cuDNN
   assert "instead of 'cudnn'" in caplog.text
   with pytest.raises(ValueError, match="cannot run these arguments"):
@@ -445,7 +445,7 @@ def test_cudnn_call_fixes_up_windows_bias_dtype_and_empty_rows(monkeypatch):
   """On a (simulated) GPU the cuDNN call gets a causal window without its meaningless right
   bound, a bias in the inputs' dtype, and rows that see no key come back as zeros (jax.nn,
   like cuDNN's mask-as-bias, gives the mean of the values there)."""
-  monkeypatch.setattr(attention_lib, "_is_nvidia_gpu", lambda: True)
+  monkeypatch.setattr(dispatch, "is_nvidia_gpu", lambda: True)
   original = jax.nn.dot_product_attention
   calls = []
 

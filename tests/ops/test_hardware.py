@@ -14,15 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attn.ops import attention as attention_lib
-from attn.ops import dot_product_attention
+from attn.ops import dispatch, dot_product_attention
 from tests import np_reference
 
 B, T, N, K, H = 2, 256, 4, 2, 128
 BF16_TOLERANCE = 3e-2  # relative to the largest reference magnitude, as in test_attention.py
 
-ON_NVIDIA_GPU = attention_lib._is_nvidia_gpu()
-ON_TPU = attention_lib._is_tpu()
+ON_NVIDIA_GPU = dispatch.is_nvidia_gpu()
+ON_TPU = dispatch.is_tpu()
 
 
 def _case(name: str) -> tuple[dict, np.ndarray]:
@@ -77,7 +76,7 @@ def test_packed_segments_never_reach_cudnn_and_stay_correct():
   kwargs, _ = _case("causal_segments")
   q = jax.ShapeDtypeStruct((B, T, N, H), jnp.bfloat16)
   k = jax.ShapeDtypeStruct((B, T, K, H), jnp.bfloat16)
-  assert attention_lib._choose_implementation(None, query=q, key=k, value=k, **kwargs) != "cudnn"
+  assert dispatch.choose_implementation(None, query=q, key=k, value=k, **kwargs) != "cudnn"
   _check_against_oracle(None, "causal_segments")
 
 

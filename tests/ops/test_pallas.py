@@ -7,8 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attn.ops import attention as attention_lib
-from attn.ops import dot_product_attention, reference
+from attn.ops import dispatch, dot_product_attention, reference
 from attn.ops.pallas import pallas_attention, pallas_unsupported_reason
 
 
@@ -53,7 +52,7 @@ def test_pallas_support_rules(kwargs, expected):
 
 
 def test_explicit_pallas_on_cpu_says_it_is_not_available():
-  assert "pallas" in attention_lib.IMPLEMENTATIONS
+  assert "pallas" in dispatch.IMPLEMENTATIONS
   q = jnp.zeros((1, 8, 2, 4))
   with pytest.raises(ValueError, match=r"'pallas' is not available on backend 'cpu'"):
     dot_product_attention(q, q, q, implementation="pallas")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from attn.ops import attention as attention_lib
-from attn.ops import dot_product_attention, splash
+from attn.ops import dispatch, dot_product_attention, splash
 from attn.ops.splash import splash_attention, splash_unsupported_reason
 from tests import np_reference
 from tests.ops.test_attention import TOLERANCE, _rel_err
@@ -200,11 +200,11 @@ def test_splash_support_rules(kwargs, expected):
 @pytest.fixture
 def on_tpu(monkeypatch):
   """Pretend the default backend is a TPU (the kernel still runs in interpret mode)."""
-  monkeypatch.setattr(attention_lib, "_is_tpu", lambda: True)
+  monkeypatch.setattr(dispatch, "is_tpu", lambda: True)
   monkeypatch.setattr(attention_lib, "splash_attention", _splash)
-  attention_lib._log_fallback_once.cache_clear()  # each test sees its own log line
+  dispatch._log_fallback_once.cache_clear()  # each test sees its own log line
   yield
-  attention_lib._log_fallback_once.cache_clear()
+  dispatch._log_fallback_once.cache_clear()
 
 
 def _features(t=8, s=8, head_dim=128, **kwargs):
@@ -214,8 +214,8 @@ def _features(t=8, s=8, head_dim=128, **kwargs):
 
 
 def test_tpu_offers_pallas_and_explicit_pallas_resolves_or_raises(on_tpu):
-  assert attention_lib.available_implementations() == ("xla", "blockwise", "pallas")
-  choose = attention_lib._choose_implementation
+  assert dispatch.available_implementations() == ("xla", "blockwise", "pallas")
+  choose = dispatch.choose_implementation
   assert choose("pallas", **_features(is_causal=True, softcap=30.0)) == "pallas"
   with pytest.raises(ValueError, match=r"'pallas' cannot run.*splash.*bias, prefix_lengths"):
     choose("pallas", **_features(bias=object(), prefix_lengths=object()))
@@ -226,7 +226,7 @@ def test_tpu_offers_pallas_and_explicit_pallas_resolves_or_raises(on_tpu):
 def test_tpu_auto_never_picks_splash(on_tpu, monkeypatch):
   """Auto keeps to the XLA paths until the kernel has run on a real TPU."""
   monkeypatch.setattr(jax, "device_count", lambda: 1)
-  choose = attention_lib._choose_implementation
+  choose = dispatch.choose_implementation
   assert choose(None, **_features(t=2048, s=2048, is_causal=True)) == "blockwise"
   assert choose(None, **_features(is_causal=True)) == "xla"
 
