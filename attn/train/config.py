@@ -14,6 +14,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from attn import data as data_lib
+from attn.errors import ConfigError
 
 SECTIONS = ("model", "data", "optim", "train", "mesh")
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -102,10 +103,6 @@ def default_config() -> ml_collections.ConfigDict:
     "train": train_config(),
     "mesh": mesh_config(),
   })
-
-
-class ConfigError(ValueError):
-  """A config that cannot run; the message names the field and the fix."""
 
 
 def _check_section(name: str, section: Any, defaults: ml_collections.ConfigDict) -> None:
