@@ -147,6 +147,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"Unknown top-level config field(s) {unknown}; known: seed, {SECTIONS}.")
   if not isinstance(config.get("seed", 0), int):
     raise ConfigError(f"config.seed must be an int, got {config.seed!r}.")
+  _check_section("data", config.data, data_lib.default_config())
   _check_section("optim", config.optim, optim_config())
   _check_section("train", config.train, train_config())
   _check_section("mesh", config.mesh, mesh_config())

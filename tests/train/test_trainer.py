@@ -42,6 +42,14 @@ def test_unknown_field_is_named(data_dir):
     train.validate(config)
 
 
+def test_unknown_data_field_is_named_with_the_known_ones(data_dir):
+  config = tiny_config(data_dir)
+  config.data.seq_length = 64  # seq_len misspelled: silently ignored before
+  with pytest.raises(train.ConfigError, match=r"Unknown field\(s\) config.data.\['seq_length'\]; "
+                     r"known: \[.*'pack', .*'seq_len', .*\]"):
+    train.validate(config)
+
+
 @pytest.mark.slow  # ~100 s on 2 busy cores: three runs, three sets of compiled programs.
 def test_mesh_layouts_and_grad_accumulation_give_the_same_losses(data_dir, tmp_path):
   """Data parallel over 8, data x fsdp x tensor = 2 x 2 x 2, and 2 accumulated micro-batches:
