@@ -62,9 +62,10 @@ def dot_product_attention(
       weights), 'cudnn' (NVIDIA GPUs), 'pallas' (JAX's Pallas kernels: on TPUs the splash
       kernel, which takes everything but bias, mask, prefix_lengths, dropout and returned
       weights, see `ops/splash.py`; on NVIDIA GPUs the flash kernel, causal and segment ids
-      only, T == S; neither is picked automatically, as neither has run on its hardware here)
-      or None for the best available one that supports the arguments. An explicit choice
-      that cannot run raises a ValueError.
+      only, T == S; auto picks it where cuDNN cannot run, for bfloat16 at head_dim 128, the
+      inputs verified on an H200; auto never picks splash, not yet run on a TPU) or None for
+      the best available one that supports the arguments. An explicit choice that cannot run
+      raises a ValueError.
     segment_ids: int `[B, T]` (self-attention) or a pair (`[B, T]`, `[B, S]`): packed sequences
       attend within their segment only. The 'pallas' kernels pad with ids of their own, so
       there ids must not be -1 (GPU) or the int32 minimum (TPU).

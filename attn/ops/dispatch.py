@@ -29,6 +29,14 @@ _BLOCKWISE_MIN_LOGITS_BYTES = 2**30
 # causal or not) at T = S = 1024 (B=1, N=4, H=64; experiments/benchmarks/attention.py), but
 # not faster at T = 512.
 _CPU_BLOCKWISE_MIN_LOGITS = 1024 * 1024
+# Where cuDNN cannot run (packed segment ids, above all), auto picks the Pallas Triton kernel on
+# an NVIDIA GPU for the inputs it was verified with on hardware (tests/ops/test_hardware.py on
+# an H200, jax 0.11.2: causal and packed segments against the float64 oracle): bfloat16 at
+# head_dim 128. There it measured 0.45-0.48x jax.nn's forward+backward time from T=2048, against
+# 1.05-1.08x for the xla path and 1.0-1.2x for blockwise, and the gpt350m train step (packed
+# batches) took 166 ms instead of 283 ms (experiments/benchmarks/results/*_h200.json).
+_PALLAS_GPU_AUTO_DTYPES = (jnp.bfloat16,)
+_PALLAS_GPU_AUTO_HEAD_DIMS = (128,)
 
 _log = logging.getLogger(__name__)
 
@@ -131,6 +139,13 @@ def _prefer_blockwise(*, query: Array, key: Array, **features) -> bool:
   return jax.default_backend() == "cpu" and logits >= _CPU_BLOCKWISE_MIN_LOGITS
 
 
+def _auto_picks_pallas_on_gpu(*, query: Array, **features) -> bool:
+  """Whether auto may use the Pallas GPU kernel: verified dtype and head_dim, and it can run."""
+  return (query.dtype in _PALLAS_GPU_AUTO_DTYPES
+          and query.shape[-1] in _PALLAS_GPU_AUTO_HEAD_DIMS
+          and pallas_unsupported_reason(query=query, **features) is None)
+
+
 def choose_implementation(implementation: str | None, **features) -> str:
   """Resolve `implementation`; explicit choices that cannot run raise, None falls back."""
   available = available_implementations()
@@ -155,8 +170,9 @@ def choose_implementation(implementation: str | None, **features) -> str:
       raise ValueError(f"implementation={implementation!r} cannot run these arguments: "
                        f"{reason}.")
     return implementation
-  # Auto never picks 'pallas' (the TPU splash or GPU Triton kernel): both have only run in
-  # Pallas interpret mode on CPU here, never compiled for the hardware. Ask for it explicitly.
+  # Auto never picks the TPU splash kernel (it has run in Pallas interpret mode only, never on
+  # a TPU); on an NVIDIA GPU it picks the Triton kernel where cuDNN cannot run, within the
+  # verified inputs (_PALLAS_GPU_AUTO_DTYPES, _PALLAS_GPU_AUTO_HEAD_DIMS).
   fallback = "blockwise" if _prefer_blockwise(**features) else "xla"
   if "cudnn" in available:
     reason = cudnn_unsupported_reason(**features)
@@ -164,6 +180,8 @@ def choose_implementation(implementation: str | None, **features) -> str:
       return "cudnn"
     if implementation == "cudnn":
       raise ValueError(f"implementation='cudnn' cannot run these arguments: {reason}.")
+    if "pallas" in available and _auto_picks_pallas_on_gpu(**features):
+      fallback = "pallas"
     _log_fallback_once(fallback, reason)
   return fallback
 

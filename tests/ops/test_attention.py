@@ -441,6 +441,33 @@ def test_cudnn_traps_fall_back_with_a_logged_reason_and_match_the_reference(
   np.testing.assert_allclose(np.asarray(out, np.float32), expected, atol=3e-2, rtol=3e-2)
 
 
+def test_gpu_auto_picks_the_pallas_kernel_where_cudnn_cannot_run_on_verified_inputs(
+    monkeypatch, caplog):
+  """Packed segments on a (simulated) NVIDIA GPU go to the Triton kernel for bfloat16 at
+  head_dim 128 (what tests/ops/test_hardware.py verified on an H200), else to the XLA paths."""
+  monkeypatch.setattr(dispatch, "is_nvidia_gpu", lambda: True)
+  dispatch._log_fallback_once.cache_clear()
+
+  def choose(t=16, s=16, head_dim=128, dtype=jnp.bfloat16, **kwargs):
+    q = jax.ShapeDtypeStruct((1, t, 4, head_dim), dtype)
+    k = jax.ShapeDtypeStruct((1, s, 2, head_dim), dtype)
+    return dispatch.choose_implementation(None, query=q, key=k, value=k, **kwargs)
+
+  seg = np.repeat([[1, 2]], 8, axis=1)
+  with caplog.at_level("INFO", logger=dispatch.__name__):
+    assert choose(is_causal=True, segment_ids=seg) == "pallas"
+  assert "using 'pallas' instead of 'cudnn'" in caplog.text
+  assert choose(is_causal=True) == "cudnn"  # cuDNN first wherever it runs
+  # Outside the verified inputs, or where the kernel cannot run: the XLA paths as before.
+  assert choose(segment_ids=seg, head_dim=64) == "xla"
+  assert choose(segment_ids=seg, dtype=jnp.float16) == "xla"
+  assert choose(segment_ids=seg, is_causal=True, local_window_size=(3, 0)) == "xla"
+  assert choose(t=8, segment_ids=(seg[:, :8], seg)) == "xla"
+  big = np.ones((1, 32768), np.int32)  # float32 logits of 16 GiB: O(T) memory either way
+  assert choose(t=32768, s=32768, segment_ids=big) == "pallas"
+  assert choose(t=32768, s=32768, segment_ids=big, head_dim=64) == "blockwise"
+
+
 def test_cudnn_call_fixes_up_windows_bias_dtype_and_empty_rows(monkeypatch):
   """On a (simulated) GPU the cuDNN call gets a causal window without its meaningless right
   bound, a bias in the inputs' dtype, and rows that see no key come back as zeros (jax.nn,

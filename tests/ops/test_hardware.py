@@ -76,7 +76,8 @@ def test_packed_segments_never_reach_cudnn_and_stay_correct():
   kwargs, _ = _case("causal_segments")
   q = jax.ShapeDtypeStruct((B, T, N, H), jnp.bfloat16)
   k = jax.ShapeDtypeStruct((B, T, K, H), jnp.bfloat16)
-  assert dispatch.choose_implementation(None, query=q, key=k, value=k, **kwargs) != "cudnn"
+  # Auto takes the Triton kernel there (bfloat16, head_dim 128): the check below covers it.
+  assert dispatch.choose_implementation(None, query=q, key=k, value=k, **kwargs) == "pallas"
   _check_against_oracle(None, "causal_segments")
 
 
