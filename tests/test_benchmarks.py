@@ -126,3 +126,32 @@ def test_attention_speed_targets_take_the_fastest_of_our_paths():
   causal = attn_bench.check_speed(rows, matmul_flops=5e9, causal=True)[
       "cudnn forward TFLOP/s, T >= 4096"]
   assert causal["ratio"] == pytest.approx(150.0)
+
+
+def test_attention_timing_batches_short_calls_and_reports_seconds_per_call(monkeypatch):
+  """A call shorter than SAMPLE_SECONDS is timed back to back (one wait per sample); the result
+  is still seconds per call. A fake clock that each call advances (by binary fractions, so
+  exactly) makes it exact."""
+  import math
+  import types
+
+  from experiments.benchmarks import attention as attn_bench
+
+  clock = [0.0]
+  monkeypatch.setattr(attn_bench, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+  calls = {"short": 0, "long": 0}
+
+  def executable(name, seconds):
+    def run(x):
+      calls[name] += 1
+      clock[0] += seconds
+      return x
+    return run
+
+  times = attn_bench.time_interleaved(
+      {"short": executable("short", 2**-10), "long": executable("long", 2**-4)},
+      (jnp.zeros(2),), min_reps=3, min_seconds=0.0)
+  assert times == {"short": 2**-10, "long": 2**-4}
+  per_sample = math.ceil(attn_bench.SAMPLE_SECONDS / 2**-10)
+  assert per_sample > 1
+  assert calls == {"short": 2 + 3 * per_sample, "long": 2 + 3}  # 2 warm-up calls each
