@@ -32,7 +32,7 @@ _CPU_BLOCKWISE_MIN_LOGITS = 1024 * 1024
 # Where cuDNN cannot run (packed segment ids, above all), auto picks the Pallas Triton kernel on
 # an NVIDIA GPU for the inputs it was verified with on hardware (tests/ops/test_hardware.py on
 # an H200, jax 0.11.2: causal and packed segments against the float64 oracle): bfloat16 at
-# head_dim 128. There it measured 0.45-0.48x jax.nn's forward+backward time from T=2048, against
+# head_dim 128. There it measured 0.44-0.48x jax.nn's forward+backward time from T=2048, against
 # 1.05-1.08x for the xla path and 1.0-1.2x for blockwise, and the gpt350m train step (packed
 # batches) took 166 ms instead of 283 ms (experiments/benchmarks/results/*_h200.json).
 _PALLAS_GPU_AUTO_DTYPES = (jnp.bfloat16,)
