@@ -16,7 +16,6 @@ Shapes: L layers, B batch, N heads, T query length, S key length.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -25,6 +24,7 @@ import jax
 import numpy as np
 from matplotlib.figure import Figure
 
+from attn import storage
 from attn.viz_capture import attention_rollout, capture_attention, stack_layers
 from attn.viz_runs import (
     ablation_bars,
@@ -317,6 +317,5 @@ def save_attention_png(model: nn.Module, params: Any, tokens: str | Sequence[int
     fig = attention_grid(weights, labels,
                          title=f"{type(model).__name__} self-attention ({len(ids)} tokens)")
   if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100)
+    storage.save_figure(fig, path, dpi=100)  # `path` may be a bucket URL.
   return path

@@ -7,6 +7,7 @@ notebook can plot a TPU sweep's results without JAX doing anything.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -16,6 +17,8 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from attn import storage
 
 METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "results.csv"
@@ -35,15 +38,14 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
 
   A step logged twice for a split (a resumed run that re-did steps) keeps its last record.
   """
-  if os.path.isdir(path):
-    path = os.path.join(path, METRICS_FILE)
+  if storage.isdir(path):
+    path = storage.join(path, METRICS_FILE)
   records: dict[tuple[str, int], dict[str, Any]] = {}
-  with open(path) as f:
-    for line in f:
-      line = line.strip()
-      if line:
-        record = json.loads(line)
-        records[(record.get("split", "train"), int(record["step"]))] = record
+  for line in storage.read_text(path).splitlines():
+    line = line.strip()
+    if line:
+      record = json.loads(line)
+      records[(record.get("split", "train"), int(record["step"]))] = record
   return sorted(records.values(), key=lambda r: (r.get("split", "train"), r["step"]))
 
 
@@ -114,10 +116,10 @@ def _parse(value: str) -> Any:
 
 def read_results(path: str) -> list[dict[str, Any]]:
   """The rows of a sweep's results.csv (`path` is the file or the sweep's workdir)."""
-  if os.path.isdir(path):
-    path = os.path.join(path, RESULTS_FILE)
-  with open(path, newline="") as f:
-    return [{k: _parse(v) for k, v in row.items()} for row in csv.DictReader(f)]
+  if storage.isdir(path):
+    path = storage.join(path, RESULTS_FILE)
+  rows = csv.DictReader(io.StringIO(storage.read_text(path), newline=""))
+  return [{k: _parse(v) for k, v in row.items()} for row in rows]
 
 
 def _group_label(row: Mapping[str, Any], by: Sequence[str]) -> str:

@@ -13,12 +13,14 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import io
 import json
 import math
-import os
 import statistics
 from collections.abc import Sequence
 from typing import Any
+
+from attn import storage
 
 PLAN_FILE = "sweep.json"
 # Metrics where larger is better; every other metric (loss, perplexity, bits_*) is minimized.
@@ -67,28 +69,26 @@ def mean_std(values: Sequence[float]) -> tuple[float, float | None, int]:
 
 def collect(workdir: str) -> list[RunResult]:
   """Every run listed in sweep.json with its status and final numbers."""
-  with open(os.path.join(workdir, PLAN_FILE)) as f:
-    planned = json.load(f)["runs"]
+  planned = json.loads(storage.read_text(storage.join(workdir, PLAN_FILE)))["runs"]
   results = []
   for entry in planned:
-    run_dir = os.path.join(workdir, entry["name"])
+    run_dir = storage.join(workdir, entry["name"])
     result = RunResult(entry["name"], entry["variant"], entry.get("seed"), "pending",
                        entry.get("overrides", {}))
-    summary_path = os.path.join(run_dir, "summary.json")
-    error_path = os.path.join(run_dir, "error.json")
-    if os.path.exists(summary_path):
-      with open(summary_path) as f:
-        summary = json.load(f)
+    summary_path = storage.join(run_dir, "summary.json")
+    error_path = storage.join(run_dir, "error.json")
+    if storage.exists(summary_path):
+      summary = json.loads(storage.read_text(summary_path))
       result.status, result.step = "done", summary.get("step")
       result.metrics = {k: v for k, v in summary.get("metrics", {}).items()
                         if isinstance(v, (int, float))}
       for key in EXTRA_COLUMNS:
         if isinstance(summary.get(key), (int, float)):
           result.metrics[key] = summary[key]
-    elif os.path.exists(error_path):
-      with open(error_path) as f:
-        result.status, result.error = "failed", json.load(f).get("error")
-    elif os.path.isdir(os.path.join(run_dir, "checkpoints")):
+    elif storage.exists(error_path):
+      result.status = "failed"
+      result.error = json.loads(storage.read_text(error_path)).get("error")
+    elif storage.isdir(storage.join(run_dir, "checkpoints")):
       result.status = "interrupted"
     results.append(result)
   return results
@@ -142,13 +142,14 @@ def format_stat(mean: float, std: float | None, n: int) -> str:
 def write_csv(results: Sequence[RunResult], metrics: Sequence[str], path: str) -> None:
   """One row per run: name, variant, seed, status, step, the metrics, error, then overrides."""
   keys = sorted({k for r in results for k in r.overrides if k != "seed"})
-  with open(path, "w", newline="") as f:
-    writer = csv.writer(f)
-    writer.writerow(["name", "variant", "seed", "status", "step", *metrics, "error", *keys])
-    for r in results:
-      writer.writerow([r.name, r.variant, r.seed, r.status, r.step,
-                       *(r.metrics.get(m, "") for m in metrics), r.error or "",
-                       *(r.overrides.get(k, "") for k in keys)])
+  text = io.StringIO(newline="")
+  writer = csv.writer(text)
+  writer.writerow(["name", "variant", "seed", "status", "step", *metrics, "error", *keys])
+  for r in results:
+    writer.writerow([r.name, r.variant, r.seed, r.status, r.step,
+                     *(r.metrics.get(m, "") for m in metrics), r.error or "",
+                     *(r.overrides.get(k, "") for k in keys)])
+  storage.write_text_atomic(path, text.getvalue())
 
 
 def markdown(variants: Sequence[VariantStats], results: Sequence[RunResult],
@@ -201,17 +202,16 @@ def plot_final(variants: Sequence[VariantStats], metric: str, path: str) -> bool
   ax.invert_yaxis()
   ax.set_xlabel(f"eval {metric} ({direction(metric)} is better; mean ± std over seeds)")
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  storage.save_figure(fig, path, dpi=120)
   plt.close(fig)
   return True
 
 
 def _curve(workdir: str, run: str, split: str, metric: str) -> dict[int, float]:
-  path = os.path.join(workdir, run, "metrics.jsonl")
-  if not os.path.exists(path):
+  path = storage.join(workdir, run, "metrics.jsonl")
+  if not storage.exists(path):
     return {}
-  with open(path) as f:
-    records = [json.loads(line) for line in f if line.strip()]
+  records = [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
   return {r["step"]: r[metric] for r in records
           if r.get("split") == split and isinstance(r.get(metric), (int, float))}
 
@@ -248,7 +248,7 @@ def plot_curves(workdir: str, results: Sequence[RunResult], metric: str, path: s
     return False
   axes[0].legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  storage.save_figure(fig, path, dpi=120)
   plt.close(fig)
   return True
 
@@ -256,24 +256,22 @@ def plot_curves(workdir: str, results: Sequence[RunResult], metric: str, path: s
 def write_report(workdir: str, metric: str | None = None) -> str:
   """Writes results.csv, results.md, final_<metric>.png and curves_<metric>.png; returns the
   markdown table."""
-  with open(os.path.join(workdir, PLAN_FILE)) as f:
-    plan = json.load(f)
+  plan = json.loads(storage.read_text(storage.join(workdir, PLAN_FILE)))
   primary = metric or plan.get("metric") or "loss"
   results = collect(workdir)
   metrics = metric_names(results, primary)
   if primary not in metrics:
     metrics.insert(0, primary)
   variants = aggregate(results, metrics)
-  write_csv(results, metrics, os.path.join(workdir, "results.csv"))
+  write_csv(results, metrics, storage.join(workdir, "results.csv"))
   text = markdown(variants, results, metrics, primary, f"Sweep results: {plan.get('config')}")
   written = ["results.csv", "results.md"]
-  if plot_final(variants, primary, os.path.join(workdir, f"final_{primary}.png")):
+  if plot_final(variants, primary, storage.join(workdir, f"final_{primary}.png")):
     written.append(f"final_{primary}.png")
-  if plot_curves(workdir, results, primary, os.path.join(workdir, f"curves_{primary}.png")):
+  if plot_curves(workdir, results, primary, storage.join(workdir, f"curves_{primary}.png")):
     written.append(f"curves_{primary}.png")
   text += "\nFiles: " + ", ".join(written) + ".\n"
-  with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(text)
+  storage.write_text_atomic(storage.join(workdir, "results.md"), text)
   return text
 
 

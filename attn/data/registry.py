@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
 import importlib
 import os
 from collections.abc import Iterator, Mapping
@@ -19,6 +20,8 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 from absl import logging
+
+from attn import storage
 
 DATA_DIR_ENV = "ATTN_DATA_DIR"
 
@@ -109,11 +112,14 @@ def parse_name(name: str) -> tuple[str, DatasetSpec, str]:
   return base, spec, f"{base}/{config}" if config else base
 
 
+def default_local_cache() -> str:
+  """~/.cache/attn/tensorflow_datasets: embedded datasets are prepared here by default."""
+  return os.path.join(os.path.expanduser("~"), ".cache", "attn", "tensorflow_datasets")
+
+
 def default_data_dir() -> str:
   """$ATTN_DATA_DIR if set, else ~/.cache/attn/tensorflow_datasets."""
-  return os.environ.get(DATA_DIR_ENV) or os.path.join(
-    os.path.expanduser("~"), ".cache", "attn", "tensorflow_datasets"
-  )
+  return os.environ.get(DATA_DIR_ENV) or default_local_cache()
 
 
 def _import_builder(base: str) -> None:
@@ -135,13 +141,28 @@ def _file_lock(path: str) -> Iterator[None]:
 
 def file_lock(data_dir: str, key: str) -> contextlib.AbstractContextManager[None]:
   """The lock for preparing `key` (a dataset or tokenizer) inside `data_dir`."""
-  return _file_lock(os.path.join(data_dir, ".locks", key.replace("/", "__") + ".lock"))
+  name = key.replace("/", "__") + ".lock"
+  if not storage.is_url(data_dir):
+    return _file_lock(os.path.join(data_dir, ".locks", name))
+  # A bucket has no advisory locks (fcntl on a URL cannot work), so the lock for a gs://
+  # data_dir is a local file named after the URL: it stops the processes of one machine (test
+  # workers, `launch.sweep --parallel`) from preparing the same data twice, the race that happens
+  # in practice. A cross-machine lock would need a lease object with generation preconditions;
+  # instead, data in a bucket is prepared once beforehand (`python -m attn.data.prepare NAME
+  # --data_dir gs://...`), so several hosts of a multi-host run only read it.
+  digest = hashlib.sha1(data_dir.encode()).hexdigest()[:12]
+  return _file_lock(os.path.join(default_local_cache(), ".locks", digest, name))
 
 
 def get_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
   """The TFDS builder for `name`; embedded ones are prepared here on first use."""
   base, spec, full = parse_name(name)
   data_dir = data_dir or default_data_dir()
+  # Before TFDS touches the path: a gs:// data_dir without gcsfs is a DataError naming the
+  # extra, not fsspec's ImportError from deep inside TFDS.
+  message = storage.url_support_error(data_dir, "config.data.data_dir")
+  if message:
+    raise DataError(message)
   if not spec.embedded:
     if spec.module:
       importlib.import_module(spec.module)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 from collections.abc import Iterable
 from typing import Protocol
 
 import numpy as np
+
+from attn import storage
 
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 
@@ -80,9 +81,8 @@ class SentencePieceTokenizer:
 
   @classmethod
   def load(cls, path: str) -> SentencePieceTokenizer:
-    """Reads a `.model` file."""
-    with open(path, "rb") as f:
-      return cls(f.read())
+    """Reads a `.model` file (local or in a bucket)."""
+    return cls(storage.read_bytes(path))
 
   def _processor(self):
     if self._sp is None:
@@ -159,16 +159,12 @@ def sentencepiece_path(data_dir: str, dataset: str, split: str, vocab_size: int)
   """Where the model trained on `dataset`/`split` is kept, beside the prepared data."""
   key = hashlib.sha1(f"{dataset}|{split}".encode()).hexdigest()[:8]
   safe = dataset.replace("/", "__")
-  return os.path.join(data_dir, "attn_tokenizers", f"{safe}-{split}-{vocab_size}-{key}.model")
+  return storage.join(data_dir, "attn_tokenizers", f"{safe}-{split}-{vocab_size}-{key}.model")
 
 
 def load_or_train_sentencepiece(path: str, texts: Iterable[str], vocab_size: int):
   """Reuses the model at `path`, or trains it and writes it atomically."""
-  if not os.path.exists(path):
-    proto = train_sentencepiece(texts, vocab_size)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-      f.write(proto)
-    os.replace(tmp, path)  # Atomic: a reader never sees half a model.
+  if not storage.exists(path):
+    # Atomic: a reader never sees half a model.
+    storage.write_bytes_atomic(path, train_sentencepiece(texts, vocab_size))
   return SentencePieceTokenizer.load(path)

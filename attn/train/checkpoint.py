@@ -9,11 +9,13 @@
 Layout: `workdir/checkpoints/<step>/{state,data}`; `data` holds one Grain state file per
 process. A save is complete only once Orbax has renamed its temporary folder: a run killed
 midway leaves a `*.orbax-checkpoint-tmp*` folder, which is ignored and removed at the next start.
+`workdir` may be a bucket URL (`gs://...`): Orbax writes the arrays through TensorStore's gcs
+driver and the rest through etils.epath; a bucket has no rename, so there a step counts as
+complete once its `commit_success.txt` marker exists.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import grain
@@ -22,11 +24,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from attn import storage
 from attn.train.config import ConfigError
 
 
 def _directory(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
+  return storage.join(storage.resolve(workdir), "checkpoints")
 
 
 class Checkpointer:
@@ -94,11 +97,11 @@ class Checkpointer:
     """The state at `step` laid out as `abstract_state` says; moves `data_iter` to that step."""
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iter is not None:
-      data_dir = os.path.join(self.directory, str(step), "data")
+      data_dir = storage.join(self.directory, str(step), "data")
       index, count = jax.process_index(), jax.process_count()
-      if os.path.isdir(data_dir) and not os.path.exists(
-          os.path.join(data_dir, f"process_{index}-of-{count}.json")):
-        saved = sorted(os.listdir(data_dir))
+      if storage.isdir(data_dir) and not storage.exists(
+          storage.join(data_dir, f"process_{index}-of-{count}.json")):
+        saved = storage.listdir(data_dir)
         raise ConfigError(
           f"{data_dir} holds data-iterator states {saved}, written by another number of "
           f"processes than the {count} running now; the data position cannot be carried over. "

@@ -1,7 +1,11 @@
 """Metric outputs: `metrics.jsonl`, TensorBoard events (tensorboardX, no TensorFlow), a progress
 bar, and the numbers in `summary.json` (parameter hash, throughput, MFU).
 
-Only process 0 writes; the other processes get a writer that does nothing.
+Only process 0 writes; the other processes get a writer that does nothing. The workdir may be a
+bucket (`gs://...`): files go through attn.storage, and TensorBoard events are written to a local
+folder and copied to `<workdir>/tensorboard` every `SYNC_SECONDS` and at the end. (tensorboardX's
+own gs:// writer re-uploads from `__del__` at interpreter exit, which hangs for two minutes of
+retries when the bucket is out of reach.)
 """
 
 from __future__ import annotations
@@ -10,7 +14,9 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -18,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
+
+from attn import storage
 
 # Peak dense bf16 FLOP/s per chip for MFU. Unknown accelerators report mfu = null.
 PEAK_FLOPS = {
@@ -33,23 +41,31 @@ PEAK_FLOPS = {
 }
 
 
+SYNC_SECONDS = 30.0
+
+
 class MetricWriter:
   """Writes scalars to metrics.jsonl and TensorBoard; a tqdm bar on the console."""
 
   def __init__(self, workdir: str, *, total_steps: int, initial_step: int = 0,
                progress_bar: bool = True, enabled: bool = True):
     self.enabled = enabled
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    self.tb_dir = os.path.join(workdir, "tensorboard")
+    self.path = storage.join(workdir, "metrics.jsonl")
+    self.tb_dir = storage.join(workdir, "tensorboard")
     self._tb = None
     self._bar = None
+    self._tb_local = None  # Local staging folder when tb_dir is in a bucket.
+    self._synced = 0.0
     if not enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
     _truncate_after(self.path, initial_step)
     from tensorboardX import SummaryWriter  # Imports no TensorFlow (clu and flax's writer do).
 
-    self._tb = SummaryWriter(self.tb_dir, flush_secs=30)
+    if storage.is_url(self.tb_dir):
+      self._tb_local = tempfile.mkdtemp(prefix="attn-tensorboard-")
+    self._tb = SummaryWriter(self._tb_local or self.tb_dir, flush_secs=30)
+    self._synced = time.monotonic()
     if progress_bar:
       from tqdm import tqdm
 
@@ -61,11 +77,20 @@ class MetricWriter:
     if not self.enabled:
       return
     clean = {k: _plain(v) for k, v in metrics.items()}
-    with open(self.path, "a") as f:
-      f.write(json.dumps({"step": step, "split": split, **clean}) + "\n")
+    storage.append_text(self.path, json.dumps({"step": step, "split": split, **clean}) + "\n")
     for key, value in clean.items():
       if isinstance(value, (int, float)):
         self._tb.add_scalar(f"{split}/{key}", value, step)
+    if self._tb_local and time.monotonic() - self._synced > SYNC_SECONDS:
+      self._sync_tensorboard()
+
+  def _sync_tensorboard(self) -> None:
+    """Copies the local event files to the bucket (each upload replaces the whole object)."""
+    self._tb.flush()
+    for name in sorted(os.listdir(self._tb_local)):
+      with open(os.path.join(self._tb_local, name), "rb") as f:
+        storage.write_bytes_atomic(storage.join(self.tb_dir, name), f.read())
+    self._synced = time.monotonic()
 
   def progress(self, step: int, postfix: dict[str, float]) -> None:
     if self._bar is not None:
@@ -85,7 +110,11 @@ class MetricWriter:
     if self._bar is not None:
       self._bar.close()
     if self._tb is not None:
+      if self._tb_local:
+        self._sync_tensorboard()
       self._tb.close()
+      if self._tb_local:
+        shutil.rmtree(self._tb_local, ignore_errors=True)
 
 
 def _plain(value: Any) -> Any:
@@ -95,20 +124,17 @@ def _plain(value: Any) -> Any:
 
 def _truncate_after(path: str, step: int) -> None:
   """Drops lines past `step`: a resumed run rewrites the steps after its checkpoint."""
-  if not os.path.exists(path):
+  if not storage.exists(path):
     return
-  with open(path) as f:
-    lines = [line for line in f if line.strip()]
+  lines = [line + "\n" for line in storage.read_text(path).splitlines() if line.strip()]
   kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
   if len(kept) != len(lines):
-    with open(path, "w") as f:
-      f.writelines(kept)
+    storage.write_text_atomic(path, "".join(kept))
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
   """metrics.jsonl as a list of dicts."""
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
 
 
 def params_sha256(params: Any) -> str:
@@ -179,9 +205,7 @@ def format_report(workdir: str, result: dict[str, Any]) -> str:
   """What the command line prints at the end: eval metrics, a sample, throughput, the paths."""
   if result.get("preempted"):
     return f"Stopped at step {result['step']} (SIGTERM); the same command resumes it."
-  path = os.path.join(workdir, "summary.json")
-  with open(path) as f:
-    summary = json.load(f)
+  summary = json.loads(storage.read_text(storage.join(workdir, "summary.json")))
   lines = [f"Finished {workdir} at step {summary['step']}."]
   lines.append("eval: " + ", ".join(f"{k} {v:.4f}" for k, v in summary["metrics"].items()
                                    if isinstance(v, (int, float))))
@@ -194,6 +218,6 @@ def format_report(workdir: str, result: dict[str, Any]) -> str:
     lines.append("sample:\n" + summary["sample"])
   lines.append("wrote:")
   for name in ("summary.json", "metrics.jsonl", "tensorboard", "checkpoints", "attention.png"):
-    if os.path.exists(os.path.join(workdir, name)):
-      lines.append(f"  {os.path.join(workdir, name)}")
+    if storage.exists(storage.join(workdir, name)):
+      lines.append(f"  {storage.join(workdir, name)}")
   return "\n".join(lines)

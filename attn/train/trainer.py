@@ -12,7 +12,6 @@ import functools
 import hashlib
 import json
 import math
-import os
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -27,6 +26,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from attn import data as data_lib
+from attn import storage
 from attn.train import config as config_lib
 from attn.train import metrics as metrics_lib
 from attn.train import sharding as sharding_lib
@@ -158,6 +158,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   config = config.copy_and_resolve_references()
   config_lib.validate(config)
+  storage.check_url_support(workdir, "--workdir")
   from attn import models  # Deferred so that config errors surface before model imports.
 
   try:
@@ -193,10 +194,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       latest = ckpt.latest_step()
       if latest is not None:
         ckpt.check_compatible(latest, abstract.params)
-      summary_path = os.path.join(workdir, "summary.json")
-      if latest is not None and latest >= t.num_steps and os.path.exists(summary_path):
-        with open(summary_path) as f:
-          summary = json.load(f)
+      summary_path = storage.join(workdir, "summary.json")
+      if latest is not None and latest >= t.num_steps and storage.exists(summary_path):
+        summary = json.loads(storage.read_text(summary_path))
         if is_main:
           print(f"{workdir}: finished at step {summary['step']}; nothing to do.", flush=True)
         return {"step": summary["step"], **summary["metrics"]}
@@ -384,11 +384,9 @@ def _summary(config: Any, workdir: str, *, state: state_lib.TrainState, model: n
     from attn import viz  # Deferred: matplotlib is only needed at the very end.
 
     # One picture of what the heads look at on the sample (layers x heads).
-    viz.save_attention_png(model, state.params, sample, os.path.join(workdir, "attention.png"),
+    viz.save_attention_png(model, state.params, sample, storage.join(workdir, "attention.png"),
                            tokenizer=info.tokenizer)
   if jax.process_index() == 0:
-    path = os.path.join(workdir, "summary.json")
-    with open(path + ".tmp", "w") as f:
-      json.dump(summary, f, indent=2)
-    os.replace(path + ".tmp", path)  # Sweeps treat summary.json as "done": never half-written.
+    # Sweeps treat summary.json as "done": never half-written.
+    storage.write_text_atomic(storage.join(workdir, "summary.json"), json.dumps(summary, indent=2))
   return summary
