@@ -47,3 +47,20 @@ def attention(q, k, v, *, mask=None, bias=None, scale=None, softcap=None, dout=N
 def positions(q_len, kv_len):
   """Query positions [T, 1] and key positions [1, S] for predicate masks (top-left aligned)."""
   return np.arange(q_len)[:, None], np.arange(kv_len)[None, :]
+
+
+def directional_derivative(loss, inputs, index, direction, eps=1e-6):
+  """(loss(x + eps d) - loss(x - eps d)) / (2 eps), moving input `index` along `direction`."""
+  plus, minus = list(inputs), list(inputs)
+  plus[index] = np.asarray(inputs[index], np.float64) + eps * direction
+  minus[index] = np.asarray(inputs[index], np.float64) - eps * direction
+  return (loss(*plus) - loss(*minus)) / (2 * eps)
+
+
+def check_gradients(loss64, grads, inputs, rng, *, rtol=2e-4, atol=1e-4):
+  """Each gradient, projected on a random direction, against float64 central differences."""
+  for index, grad in enumerate(grads):
+    direction = rng.normal(size=np.shape(inputs[index]))
+    numeric = directional_derivative(loss64, inputs, index, direction)
+    np.testing.assert_allclose(np.sum(np.asarray(grad, np.float64) * direction), numeric,
+                               rtol=rtol, atol=atol, err_msg=f"input {index}")

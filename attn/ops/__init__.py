@@ -1,6 +1,18 @@
 """Pure JAX attention ops: no Flax, no config objects. Layout [batch, seq, heads, head_dim]."""
 
-from attn.ops import blockwise, linear, masks, positions, reference, sparse, variants
+from attn.ops import (
+    blockwise,
+    differential,
+    gated,
+    gated_deltanet,
+    linear,
+    masks,
+    mla,
+    positions,
+    reference,
+    sparse,
+    variants,
+)
 from attn.ops.attention import dot_product_attention
 from attn.ops.blockwise import blockwise_attention
 from attn.ops.dispatch import IMPLEMENTATIONS, available_implementations
@@ -18,11 +30,15 @@ __all__ = [
     "blockwise",
     "blockwise_attention",
     "cosine_attention",
+    "differential",
     "dot_product_attention",
+    "gated",
+    "gated_deltanet",
     "linear",
     "linear_attention",
     "linformer_attention",
     "masks",
+    "mla",
     "performer_attention",
     "positions",
     "reference",

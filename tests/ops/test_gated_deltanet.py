@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from attn.ops import gated_deltanet as gdn
+from tests import np_reference
 
 B, T, N, H, HV = 2, 23, 3, 8, 6
 # Restarts at 7, 16 (a chunk boundary for C = 4 and 8) and 20; the tail is a padding segment.
@@ -125,14 +126,7 @@ def test_gradients_match_finite_differences_of_the_float64_reference():
     return jnp.sum(out * jnp.asarray(dout, jnp.float32))
 
   grads = jax.jit(jax.grad(loss32, argnums=tuple(range(5))))(*_f32(*inputs))
-  eps = 1e-6
-  for i, grad in enumerate(grads):
-    direction = rng.normal(size=inputs[i].shape)
-    plus, minus = list(inputs), list(inputs)
-    plus[i], minus[i] = inputs[i] + eps * direction, inputs[i] - eps * direction
-    numeric = (loss64(*plus) - loss64(*minus)) / (2 * eps)
-    np.testing.assert_allclose(np.sum(np.asarray(grad, np.float64) * direction), numeric,
-                               rtol=2e-4, atol=1e-4)
+  np_reference.check_gradients(loss64, grads, inputs, rng)
 
 
 def test_restarts_cut_all_gradient_flow_between_segments():
