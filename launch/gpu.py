@@ -7,14 +7,16 @@
 
 Every process runs the same `python -m experiments.main ...`; `attn.train.distributed` calls
 `jax.distributed.initialize` from what the launcher provides:
-- under SLURM (one task per node, all of the node's GPUs), JAX reads the job's SLURM_*
-  variables by itself; `sbatch` writes `<workdir>/job.sbatch` and submits it;
+- under SLURM, `sbatch` asks for one task per GPU (`--ntasks-per-node` = `--gpus-per-node`,
+  every task seeing all of its node's GPUs): a 2 x 8 job is 16 processes of one GPU each, and
+  JAX reads the job's SLURM_* variables by itself (task SLURM_LOCALID drives GPU SLURM_LOCALID).
+  `sbatch` writes `<workdir>/job.sbatch` and submits it;
 - any other launcher sets JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES
   and JAX_PROCESS_ID in each process's environment. `local` does that on one machine (CPU
   processes exchange arrays with gloo): the multi-host code path without a cluster. The same
   variables in a hand-written sbatch script look like this:
 
-      #SBATCH --nodes=2 --ntasks-per-node=1 --gpus-per-node=8
+      #SBATCH --nodes=2 --ntasks-per-node=1 --gpus-per-node=8  # one process drives 8 GPUs
       head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
       srun bash -c "JAX_COORDINATOR_ADDRESS=$head:12355 JAX_NUM_PROCESSES=\\$SLURM_NTASKS \\
           JAX_PROCESS_ID=\\$SLURM_PROCID exec .venv/bin/python -m experiments.main \\
@@ -51,11 +53,15 @@ def main_argv(args: argparse.Namespace, python: str) -> list[str]:
 
 
 def sbatch_script(args: argparse.Namespace) -> str:
-  """The batch script: one task per node with all its GPUs, SIGTERM before the time limit."""
+  """The batch script: one task per GPU, SIGTERM before the time limit.
+
+  One task per node with 8 GPUs would train on one GPU per node: under SLURM, JAX gives each
+  process the GPU of its SLURM_LOCALID (attn.train.distributed keeps all of them for such a
+  hand-written script; the launcher uses JAX's default layout)."""
   lines = ["#!/bin/bash",
            f"#SBATCH --job-name={args.job_name}",
            f"#SBATCH --nodes={args.nodes}",
-           "#SBATCH --ntasks-per-node=1",
+           f"#SBATCH --ntasks-per-node={args.gpus_per_node}",
            f"#SBATCH --gpus-per-node={args.gpus_per_node}",
            f"#SBATCH --cpus-per-task={args.cpus_per_task}",
            f"#SBATCH --time={args.time}",
@@ -69,7 +75,7 @@ def sbatch_script(args: argparse.Namespace) -> str:
     lines.append(f"#SBATCH --account={args.account}")
   srun = ["srun", "--kill-on-bad-exit=1", *main_argv(args, args.python)]
   lines += ["# JAX detects the SLURM job (attn.train.distributed): every task runs the same",
-            "# command and process 0 coordinates.",
+            "# command, drives the GPU of its SLURM_LOCALID, and process 0 coordinates.",
             "set -euo pipefail",
             f"cd {shlex.quote(sweep.REPO)}",
             shlex.join(srun), ""]
@@ -150,7 +156,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   slurm = parser.add_argument_group("sbatch")
   slurm.add_argument("--nodes", type=int, default=2)
   slurm.add_argument("--gpus_per_node", type=int, default=8)
-  slurm.add_argument("--cpus_per_task", type=int, default=32)
+  slurm.add_argument("--cpus_per_task", type=int, default=8, help="per task, i.e. per GPU")
   slurm.add_argument("--time", default="24:00:00")
   slurm.add_argument("--partition", default=None)
   slurm.add_argument("--account", default=None)

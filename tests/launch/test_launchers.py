@@ -122,7 +122,8 @@ def test_sbatch_script_and_command(capsys):
   assert lines[0] == "# /shared/runs/lm/job.sbatch"
   assert lines[-1] == "sbatch /shared/runs/lm/job.sbatch"
   script = [line for line in lines[1:-1] if line]
-  for expected in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
+  for expected in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+                   "#SBATCH --cpus-per-task=8",
                    "#SBATCH --time=12:00:00", "#SBATCH --partition=a100", "#SBATCH --requeue",
                    "#SBATCH --signal=TERM@300", "#SBATCH --output=/shared/runs/lm/slurm-%j.out",
                    f"cd {sweep.REPO}"):
