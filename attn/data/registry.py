@@ -182,15 +182,26 @@ def get_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuil
   return builder
 
 
+def prepare_command(full: str, data_dir: str) -> str:
+  return f"python -m attn.data.prepare {full} --data_dir {data_dir}"
+
+
 def _not_prepared_message(full: str, data_dir: str, split: str) -> str:
   return (
     f"Dataset {full!r} (split {split!r}) is not prepared in data_dir={data_dir!r}, and attn never "
     "downloads at run time. Point config.data.data_dir at a folder or bucket where it was "
     "prepared with file_format=array_record, e.g. on a TPU VM: "
     "--config.data.data_dir=gs://YOUR_BUCKET/tensorflow_datasets (or export "
-    f"{DATA_DIR_ENV}=gs://YOUR_BUCKET/tensorflow_datasets). To prepare it once on a machine with "
-    f"network: `tfds build {full} --data_dir=... --file_format=array_record`."
+    f"{DATA_DIR_ENV}=gs://YOUR_BUCKET/tensorflow_datasets). `{prepare_command(full, data_dir)}` "
+    "prints how to prepare it (`tfds build ... --file_format=array_record` on a machine with "
+    "TensorFlow and network), or converts a TFRecord preparation copied there."
   )
+
+
+def _random_access(builder: tfds.core.DatasetBuilder) -> bool:
+  """Whether a prepared dataset has a format that data sources read (ArrayRecord)."""
+  formats = builder.info.available_file_formats()
+  return bool(formats & tfds.core.file_adapters.FileFormat.with_random_access())
 
 
 def _check_split(builder: tfds.core.DatasetBuilder, full: str, split: str, data_dir: str) -> None:
@@ -211,6 +222,14 @@ def open_source(name: str, split: str, data_dir: str | None = None) -> Any:
   builder = get_builder(name, data_dir)
   if builder.is_prepared():
     _check_split(builder, full, split, data_dir)
+    if not _random_access(builder):
+      # TFDS's own message here says "delete the data"; converting it keeps it.
+      formats = ", ".join(sorted(f.value for f in builder.info.available_file_formats()))
+      raise DataError(
+        f"{full!r} in {builder.data_dir} is prepared as {formats}, which runs cannot read "
+        "(random access needs array_record). Convert it in place, without TensorFlow: "
+        f"`{prepare_command(full, data_dir)}`."
+      )
   try:
     source = builder.as_data_source(split=split)
   except Exception as e:  # TFDS raises several types here (NotImplementedError, ValueError, ...).
