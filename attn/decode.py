@@ -1,9 +1,11 @@
-"""Autoregressive decoding with a KV cache: greedy, temperature, top-k, top-p and beam search.
+"""Autoregressive decoding: greedy, temperature, top-k, top-p and beam search.
 
 Works for `LanguageModel` (continue a prompt) and `EncoderDecoder` (translate a source, the
 decoder starting from `bos_id`). Each entry point is jit-compiled once per input shape and
 static setting. Prompts in a batch share one length (no left padding); prompt + new tokens
-must fit in `model.config.max_len`, the size of the KV cache.
+must fit in `model.config.max_len`, the size of the KV cache. The cache is what the
+mechanism's registry entry says (`decoding`): every key and value, a window's ring buffer, or a
+recurrent state; a mechanism that cannot decode is a ConfigError.
 
 Shapes: B batch, P prompt length, S source length, V vocab, W beam width.
 """
@@ -15,6 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from attn.errors import ConfigError
+from attn.layers import registry
 from attn.models import EncoderDecoder
 
 Array = jax.Array
@@ -53,6 +57,12 @@ def _decoder_setup(model: nn.Module, params: Any, tokens: Array, bos_id: int):
 
 
 def _check_length(model: nn.Module, prompt_len: int, max_new_tokens: int) -> None:
+  """The model's mechanism decodes (registry) and prompt + new tokens fit the cache."""
+  entry = registry.get(model.config.attention)
+  if entry.decoding is None:
+    raise ConfigError(
+        f"model.attention={entry.name!r} cannot decode (no KV cache or recurrent state in its "
+        f"registry entry); mechanisms that decode: {registry.supporting('decoding')}.")
   if prompt_len + max_new_tokens > model.config.max_len:
     raise ValueError(
         f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} exceeds the KV cache "

@@ -6,7 +6,8 @@
 Capture works whatever attention implementation trained the model (xla, blockwise, cudnn,
 Pallas): each `MultiHeadAttention` call is re-run as a clone with `record_weights=True`, bound to
 the same scope (so the same parameters), which recomputes the weights on the reference path.
-Nothing in the model or its config changes, and its outputs are the same.
+Nothing in the model or its config changes, and its outputs are the same. Mechanisms whose
+registry entry has no map (`weights=False`: linear, performer, ...) are not recorded.
 
 Shapes: L layers, B batch, N heads, T query length, S key length. Everything returned is
 float32 NumPy (figures and notebooks want host arrays).
@@ -22,7 +23,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from attn.layers import MultiHeadAttention
+from attn.layers import MultiHeadAttention, registry
 
 _SOWN_NAME = "attention_weights"
 # `layer_3` (looped stacks) or `layers` (an nn.scan stack, weights stacked on axis 0).
@@ -35,7 +36,7 @@ def _recording_interceptor(next_fun: Callable[..., Any], args: tuple, kwargs: di
   """Runs every MultiHeadAttention call as a recording clone of itself."""
   module = context.module
   if (isinstance(module, MultiHeadAttention) and context.method_name == "__call__"
-      and not module.record_weights):
+      and not module.record_weights and registry.get(module.attention).weights):
     # Bound to the original's scope: same parameters, same cache, and the sown weights land
     # under the original's path. Flax binds `apply`'s root module to a scope the same way.
     recording = module.clone(parent=module.scope, record_weights=True)

@@ -29,16 +29,22 @@ def _kv(heads: int) -> int:
   return kv if heads % kv == 0 else heads
 
 
-# Attention variants by name: name -> (model fields from (num_heads, seq_len)). Only fields
-# ModelConfig has; a mechanism that needs more belongs in attn.layers, not here.
-ATTENTION: dict[str, Callable[[int, int], dict[str, Any]]] = {
-  "mha": lambda heads, seq: {"num_kv_heads": heads},
-  "gqa": lambda heads, seq: {"num_kv_heads": _kv(heads)},
-  "mqa": lambda heads, seq: {"num_kv_heads": 1},
-  # Sliding window (Longformer / Mistral): each query sees the previous seq/4 keys.
-  "local": lambda heads, seq: {"num_kv_heads": heads, "local_window": max(1, seq // 4)},
-  # Chunked causal attention (Llama 4 style): attention stays inside chunks of seq/4 tokens.
-  "chunked": lambda heads, seq: {"num_kv_heads": heads, "attention_chunk": max(1, seq // 4)},
+# Head sharing by name: name -> num_kv_heads from num_heads. Every other `attention=` name is
+# a registry mechanism (attn.layers.registry), run with MHA heads.
+HEAD_SHARING: dict[str, Callable[[int], int]] = {
+  "mha": lambda heads: heads,
+  "gqa": _kv,
+  "mqa": lambda heads: 1,
+}
+# Length-like mechanism options, as a fraction of the sequence length, so that a pattern matters
+# at the experiment's length (local window = seq/4, as in the Zoology MQAR setup). Keyed by
+# option name: a new mechanism with a `window` option is scaled without editing this file.
+LENGTH_OPTIONS: dict[str, float] = {
+  "window": 1 / 4,  # local, longformer
+  "chunk_size": 1 / 4,  # chunked (a compute chunk for linear / performer: any size is exact)
+  "block_size": 1 / 8,  # bigbird
+  "projected_length": 1 / 4,  # linformer
+  "max_length": 1.0,  # linformer: the longest key length it projects
 }
 
 
@@ -53,10 +59,38 @@ def set_size(config: ml_collections.ConfigDict, size: str) -> None:
   config.model.update(choose("size", size, SIZES))
 
 
+def attention_names() -> list[str]:
+  """What `attention=` accepts: the head-sharing variants, then every registry mechanism."""
+  from attn.layers import registry  # Deferred: importing the layers imports jax.
+
+  return [*HEAD_SHARING, *registry.names()]
+
+
 def set_attention(config: ml_collections.ConfigDict, name: str) -> None:
-  """Applies an ATTENTION variant for the config's current heads and sequence length."""
-  fields = choose("attention", name, ATTENTION)(config.model.num_heads, config.data.seq_len)
-  config.model.update(fields)
+  """`attention=NAME`: a head-sharing variant (softmax with N, few or one KV heads) or a registry
+  mechanism with MHA heads and its length-like options scaled to `config.data.seq_len`."""
+  from attn.layers import registry
+
+  heads, seq = config.model.num_heads, config.data.seq_len
+  for option in config.model.attention_options:  # an earlier mechanism's options go
+    config.model.attention_options[option] = None
+  if name in HEAD_SHARING or name == "softmax":
+    name = "mha" if name == "softmax" else name
+    config.model.update(attention="softmax", num_kv_heads=HEAD_SHARING[name](heads))
+    return
+  choose("attention", name, dict.fromkeys(attention_names()))
+  entry = registry.get(name)
+  config.model.update(attention=name, num_kv_heads=heads)
+  for option in entry.options:
+    if option in LENGTH_OPTIONS:
+      config.model.attention_options[option] = max(1, int(seq * LENGTH_OPTIONS[option]))
+  # What the registry says the mechanism cannot do, the experiment does not ask of it (the
+  # trainer would stop with a ConfigError naming these same fixes).
+  if not entry.packed:
+    config.data.pack = False  # one sequence per row, the rest padding
+  if entry.decoding is None:
+    config.train.sample_tokens = 0
+    config.train.bleu_batches = 0
 
 
 # Local stand-ins for remote datasets: the same task on embedded data (no download).

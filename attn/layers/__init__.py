@@ -1,5 +1,6 @@
 """Flax linen modules that own parameters and call the pure ops in attn.ops."""
 
+from attn.layers import registry
 from attn.layers.attention import MultiHeadAttention
 from attn.layers.feedforward import FFN_KINDS, FeedForward
 from attn.layers.norms import NORMS, BatchNorm, LayerNorm, RMSNorm, make_norm
@@ -10,10 +11,9 @@ from attn.layers.positions import (
     SinusoidalPositionEmbedding,
     T5RelativePositionBias,
 )
-from attn.layers.variants import ATTENTION, make_attention
+from attn.layers.variants import make_attention
 
 __all__ = [
-    "ATTENTION",
     "FFN_KINDS",
     "NORMS",
     "BatchNorm",
@@ -28,4 +28,5 @@ __all__ = [
     "T5RelativePositionBias",
     "make_attention",
     "make_norm",
+    "registry",
 ]

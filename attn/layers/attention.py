@@ -14,7 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from attn.layers import variants
+from attn.errors import ConfigError
+from attn.layers import registry, variants
 from attn.ops import masks as masks_lib
 from attn.ops import positions as positions_lib
 from attn.ops import reference
@@ -44,13 +45,15 @@ class MultiHeadAttention(nn.Module):
     scale: logit scale (None = 1 / sqrt(H)).
     implementation: passed to `dot_product_attention` ('xla', 'blockwise', 'cudnn', None =
       best).
-    attention: the mechanism, a name in `attn.layers.variants.ATTENTION` ('softmax', 'linear',
-      'performer', ...); 'softmax' is `dot_product_attention` itself.
+    attention: the mechanism, a core-level name in `attn.layers.registry` ('softmax',
+      'linear', 'performer', ...); 'softmax' is `dot_product_attention` itself.
     attention_options: keyword arguments of that mechanism's module (e.g. {'num_features': 64}
       for 'performer'); its parameters live under params[attention].
-    decode: keep a KV cache in the 'cache' collection (self-attention only). `init` with an
-      input of the maximum length sizes the cache; every later apply (mutable=['cache'])
-      appends its tokens and attends to everything cached so far.
+    decode: autoregressive decoding (self-attention only), as the registry entry's `decoding`
+      says: 'kv_cache' keeps every key and value in the 'cache' collection, 'window_cache' a
+      ring buffer of the window's keys, 'recurrent' leaves the state to the core (built with
+      decode=True). `init` with an input of the maximum length sizes the cache; every later
+      apply (mutable=['cache']) appends its tokens and attends to everything cached so far.
     record_weights: sow the attention weights `[B, N, T, S]` (float32) into 'intermediates',
       recomputed on the reference path so they exist whichever kernel ran.
     dtype: computation dtype (None = input's). param_dtype: parameter dtype.
@@ -125,11 +128,10 @@ class MultiHeadAttention(nn.Module):
                        f"({num_kv_heads}).")
     self_attention = inputs_kv is None
     inputs_kv = inputs_q if self_attention else inputs_kv
-    core = variants.make_attention(self.attention, self.attention_options, name=self.attention)
-    if self.attention != "softmax" and (self.decode or self.record_weights):
-      raise ValueError(f"decode and record_weights need attention='softmax', got "
-                       f"{self.attention!r}; pass local_window_size / chunk_size as call "
-                       f"keywords for sliding-window decoding.")
+    mechanism = self._mechanism()
+    recurrent = mechanism.decoding == "recurrent"
+    core = variants.make_attention(self.attention, self.attention_options, name=self.attention,
+                                   **({"decode": self.decode} if recurrent else {}))
 
     query = self._projection(self.num_heads, head_dim, "heads", "query")(inputs_q)
     key = self._projection(num_kv_heads, head_dim, "kv_heads", "key")(inputs_kv)
@@ -156,8 +158,16 @@ class MultiHeadAttention(nn.Module):
     key = nn.with_logical_constraint(key, ("batch", "length", "kv_heads", "head_dim"))
     value = nn.with_logical_constraint(value, ("batch", "length", "kv_heads", "head_dim"))
 
-    if self.decode and self_attention:
-      key, value, mask, mask_kwargs = self._update_cache(key, value, mask, mask_kwargs)
+    if hasattr(core, "pattern"):  # local / chunked / bigbird / longformer: their mask
+      mask, mask_kwargs = _merge_pattern(self.attention, core.pattern(query.shape[1],
+                                                                      key.shape[1]),
+                                         mask, mask_kwargs)
+    if self.decode and self_attention and not recurrent:  # a recurrent core keeps its state
+      if mechanism.decoding == "window_cache" and bias is None:
+        key, value, mask, mask_kwargs = self._update_window_cache(
+            key, value, mask, mask_kwargs, core.cache_slots())
+      else:  # kv_cache, or a window under a [T, max_len] relative bias (ALiBi / T5)
+        key, value, mask, mask_kwargs = self._update_cache(key, value, mask, mask_kwargs)
 
     attention_kwargs = dict(bias=bias, mask=mask, scale=self.scale, softcap=self.softcap,
                             **mask_kwargs)
@@ -176,6 +186,24 @@ class MultiHeadAttention(nn.Module):
                      bias_init=self.bias_init, name="out")(out)
     return nn.with_logical_constraint(out, ("batch", "length", "embed"))
 
+  def _mechanism(self) -> registry.Mechanism:
+    """The registry entry; decode / record_weights it cannot honor are errors naming it."""
+    mechanism = registry.get(self.attention, "attention")
+    if mechanism.level != "core":
+      raise ValueError(
+          f"attention={self.attention!r} is a layer-level mechanism: build "
+          f"{mechanism.module.__name__} in place of MultiHeadAttention "
+          f"(attn.models.transformer.attention_layer does).")
+    if self.decode and mechanism.decoding is None:
+      raise ConfigError(
+          f"attention={self.attention!r} cannot decode (its registry entry has decoding=None); "
+          f"mechanisms that decode: {registry.supporting('decoding')}.")
+    if self.record_weights and not mechanism.weights:
+      raise ConfigError(
+          f"record_weights: attention={self.attention!r} has no attention map to record; "
+          f"mechanisms with maps: {registry.supporting('weights')}.")
+    return mechanism
+
   def _update_cache(self, key: Array, value: Array, mask: Array | None,
                     mask_kwargs: dict) -> tuple[Array, Array, Array | None, dict]:
     """Write the new keys/values at the cache index; mask out the slots not written yet.
@@ -190,9 +218,7 @@ class MultiHeadAttention(nn.Module):
     cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
     if not initialized:
       return key, value, mask, mask_kwargs
-    if mask_kwargs.get("segment_ids") is not None:
-      raise ValueError("segment_ids (packed sequences) are not supported with decode=True; "
-                       "decode one sequence per batch row.")
+    _check_unpacked(mask_kwargs)
     index, step_len, max_len = cache_index.value, key.shape[1], cached_key.value.shape[1]
     cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, (0, index, 0, 0))
     cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value, (0, index, 0, 0))
@@ -204,6 +230,79 @@ class MultiHeadAttention(nn.Module):
     written = masks_lib.causal_mask(1, max_len, q_offset=index + step_len - 1)
     return (cached_key.value, cached_value.value, masks_lib.and_masks(mask, slots_mask, written),
             mask_kwargs)
+
+
+  def _update_window_cache(self, key: Array, value: Array, mask: Array | None,
+                           mask_kwargs: dict, slots: int) -> tuple[Array, Array, Array, dict]:
+    """A ring buffer of the last `slots` keys / values (local, chunked): O(window) memory.
+
+    A step with L new tokens attends to the ring's slots plus its own L keys (so a prompt
+    longer than the window still sees every key its window needs), masked by absolute
+    positions, then writes its last min(L, slots) keys into the ring. Slot positions are
+    stored + 1 (0 = empty: a cache zero-initialized from `eval_shape` starts empty).
+    """
+    initialized = self.has_variable("cache", "cached_key")
+    ring = lambda x: (x.shape[0], slots) + x.shape[2:]  # noqa: E731
+    cached_key = self.variable("cache", "cached_key", jnp.zeros, ring(key), key.dtype)
+    cached_value = self.variable("cache", "cached_value", jnp.zeros, ring(value), value.dtype)
+    cached_slot = self.variable("cache", "cached_positions",
+                                lambda: jnp.zeros((slots,), jnp.int32))
+    cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+    if not initialized:
+      return key, value, mask, mask_kwargs
+    _check_unpacked(mask_kwargs)
+    index, step_len = cache_index.value, key.shape[1]
+    q_pos = index + jnp.arange(step_len, dtype=jnp.int32)
+    k_pos = jnp.concatenate([cached_slot.value - 1, q_pos])
+    positional = {name: mask_kwargs.pop(name) for name in _POSITIONAL_MASKS if name in mask_kwargs}
+    slots_mask = _positions_mask(q_pos, k_pos, **positional)
+    keys = jnp.concatenate([cached_key.value, key], axis=1)
+    values = jnp.concatenate([cached_value.value, value], axis=1)
+    kept = min(step_len, slots)
+    write = (index + step_len - kept + jnp.arange(kept)) % slots
+    cached_key.value = cached_key.value.at[:, write].set(key[:, step_len - kept:])
+    cached_value.value = cached_value.value.at[:, write].set(value[:, step_len - kept:])
+    cached_slot.value = cached_slot.value.at[write].set(q_pos[step_len - kept:] + 1)
+    cache_index.value = index + step_len
+    return keys, values, masks_lib.and_masks(mask, slots_mask), mask_kwargs
+
+
+def _check_unpacked(mask_kwargs: dict) -> None:
+  if mask_kwargs.get("segment_ids") is not None:
+    raise ValueError("segment_ids (packed sequences) are not supported with decode=True; "
+                     "decode one sequence per batch row.")
+
+
+def _positions_mask(q_pos: Array, k_pos: Array, *, is_causal: bool = True,
+                    local_window_size: int | tuple[int, int] | None = None,
+                    chunk_size: int | None = None, prefix_lengths: Array | None = None) -> Array:
+  """`[1, 1, T, S]` causal (+ window / chunk) mask over explicit key positions (-1 = empty)."""
+  del is_causal  # Decoding is causal: a cached key is never in the future.
+  if prefix_lengths is not None:
+    raise ValueError("prefix_lengths is not supported by the window cache; use "
+                     "attention='softmax' for prefix-LM decoding.")
+  q, k = q_pos[:, None], k_pos[None, :]
+  visible = (k >= 0) & (k <= q)
+  if local_window_size is not None:
+    visible &= k >= q - masks_lib.normalize_window(local_window_size)[0]
+  if chunk_size is not None:
+    visible &= (k // chunk_size) == (q // chunk_size)
+  return visible[None, None]
+
+
+def _merge_pattern(name: str, pattern: dict[str, Any], mask: Array | None,
+                   mask_kwargs: dict) -> tuple[Array | None, dict]:
+  """The mechanism's pattern AND the caller's mask; a pattern keyword also passed is an error."""
+  mask_kwargs = dict(mask_kwargs)
+  for key, value in pattern.items():
+    if key == "mask":
+      mask = masks_lib.and_masks(mask, value)
+    elif mask_kwargs.get(key) is not None:
+      raise ValueError(f"attention={name!r} sets {key} from its options "
+                       f"(model.attention_options); do not also pass {key}.")
+    else:
+      mask_kwargs[key] = value
+  return mask, mask_kwargs
 
 
 class Projection(nn.Module):

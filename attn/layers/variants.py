@@ -1,29 +1,17 @@
-"""The attention table: name -> the module that turns projected q, k, v into per-head outputs.
+"""The core attention mechanisms: each turns projected q, k, v into per-head outputs.
 
-`MultiHeadAttention(attention=name)` looks the name up in `ATTENTION`; each entry is a small
-linen module that owns the mechanism's own parameters (a sink logit, Linformer projections, a
-cosine temperature) and calls the pure op in `attn.ops`. Options reach it through
-`MultiHeadAttention(attention_options={...})`.
+Each class is a small linen module that owns the mechanism's own parameters (a sink logit,
+Linformer projections, a cosine temperature), calls the pure op in `attn.ops`, and carries its
+registry entry (`@registry.register(...)`: paper, capabilities; see attn/layers/registry.py).
+Its dataclass fields are its options (`model.attention_options`).
 
 Every core is called as `core(query, key, value, **kwargs)` with `[B, T, N, H]` queries,
 `[B, S, K, H]` keys and values and the keywords of `attn.ops.dot_product_attention` (bias, mask,
 scale, softcap, implementation, dropout_rate, dropout_rng, and the mask keywords), and returns
 `[B, T, N, Hv]`. A keyword the mechanism cannot honor is an error that names it, never ignored.
-
-  name         paper
-  softmax      Vaswani et al. 2017, "Attention Is All You Need"
-  local        Beltagy et al. 2020 (Longformer sliding window); Child et al. 2019
-  chunked      block-local attention (Parmar et al. 2018; Llama 4's chunked attention)
-  bigbird      Zaheer et al. 2020, "Big Bird: Transformers for Longer Sequences"
-  longformer   Beltagy et al. 2020, "Longformer: The Long-Document Transformer"
-  linear       Katharopoulos et al. 2020, "Transformers are RNNs"
-  performer    Choromanski et al. 2021, "Rethinking Attention with Performers" (FAVOR+)
-  linformer    Wang et al. 2020, "Linformer: Self-Attention with Linear Complexity"
-  cosine       Liu et al. 2022, "Swin Transformer V2" (scaled cosine attention)
-  sigmoid      Ramapuram et al. 2024, "Theory, Analysis, and Best Practices for Sigmoid
-               Self-Attention"
-  sinks        Xiao et al. 2023, "Efficient Streaming Language Models with Attention Sinks"
-               (as a learned per-head sink logit, as in gpt-oss)
+Softmax cores with a sparsity pattern (local, chunked, bigbird, longformer) give it as
+`pattern(q_len, kv_len)`, which MultiHeadAttention merges into the mask keywords (so caches and
+recorded weights see it too).
 """
 
 from collections.abc import Mapping
@@ -34,8 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attn.layers import registry
 from attn.ops import linear, sparse, variants
+from attn.ops import masks as masks_lib
 from attn.ops.attention import dot_product_attention
+from attn.ops.dispatch import IMPLEMENTATIONS
 
 Array = jax.Array
 
@@ -50,6 +41,9 @@ def _reject(name: str, **used: Any) -> None:
                      f"attention='softmax' (or a mask-based variant) for those.")
 
 
+@registry.register(
+    name="softmax", paper="Vaswani et al. 2017", summary="scaled dot-product attention",
+    decoding="kv_cache", weights=True, implementations=IMPLEMENTATIONS)
 class Softmax(nn.Module):
   """`dot_product_attention` with every keyword it takes."""
 
@@ -58,29 +52,48 @@ class Softmax(nn.Module):
     return dot_product_attention(query, key, value, **kwargs)
 
 
-class Local(nn.Module):
-  """Sliding-window softmax attention; `window` = w or (left, right)."""
+@registry.register(
+    name="local", paper="Beltagy et al. 2020; Child et al. 2019",
+    summary="sliding window: keys within `window` positions (causal: the previous `window`)",
+    cross_attention=False, decoding="window_cache", weights=True,
+    implementations=IMPLEMENTATIONS)
+class Local(Softmax):
+  """Sliding-window softmax attention; `window` = w (both sides) or (left, right)."""
 
-  window: int | tuple[int, int] = (128, 0)
+  window: int | tuple[int, int] = 128
 
-  @nn.compact
-  def __call__(self, query: Array, key: Array, value: Array, **kwargs: Any) -> Array:
-    kwargs.setdefault("local_window_size", self.window)
-    return dot_product_attention(query, key, value, **kwargs)
+  def pattern(self, q_len: int, kv_len: int) -> dict[str, Any]:
+    del q_len, kv_len
+    return {"local_window_size": self.window}
+
+  def cache_slots(self) -> int:
+    """Past keys a causal query can see (the window cache's size)."""
+    return max(1, masks_lib.normalize_window(self.window)[0])
 
 
-class Chunked(nn.Module):
+@registry.register(
+    name="chunked", paper="Parmar et al. 2018; Llama 4 (2025)",
+    summary="causal attention inside chunks of `chunk_size` positions", bidirectional=False,
+    cross_attention=False, decoding="window_cache", weights=True,
+    implementations=IMPLEMENTATIONS)
+class Chunked(Softmax):
   """Causal softmax attention inside chunks of `chunk_size` positions."""
 
   chunk_size: int = 128
 
-  @nn.compact
-  def __call__(self, query: Array, key: Array, value: Array, **kwargs: Any) -> Array:
-    kwargs.setdefault("chunk_size", self.chunk_size)
-    return dot_product_attention(query, key, value, **kwargs)
+  def pattern(self, q_len: int, kv_len: int) -> dict[str, Any]:
+    del q_len, kv_len
+    return {"chunk_size": self.chunk_size}
+
+  def cache_slots(self) -> int:
+    return max(1, self.chunk_size - 1)
 
 
-class BigBird(nn.Module):
+@registry.register(
+    name="bigbird", paper="Zaheer et al. 2020",
+    summary="block-sparse global + window + random blocks (dense block mask)", weights=True,
+    implementations=IMPLEMENTATIONS)
+class BigBird(Softmax):
   """Softmax attention under the block-sparse global + window + random pattern."""
 
   block_size: int = 64
@@ -89,33 +102,29 @@ class BigBird(nn.Module):
   num_random_blocks: int = 2
   seed: int = 0
 
-  @nn.compact
-  def __call__(self, query: Array, key: Array, value: Array, *, mask: Array | None = None,
-               **kwargs: Any) -> Array:
-    pattern = sparse.bigbird_mask(
-        query.shape[1], key.shape[1], block_size=self.block_size,
-        num_window_blocks=self.num_window_blocks, num_global_blocks=self.num_global_blocks,
-        num_random_blocks=self.num_random_blocks, seed=self.seed)
-    mask = pattern if mask is None else jnp.logical_and(mask, pattern)
-    return dot_product_attention(query, key, value, mask=mask, **kwargs)
+  def pattern(self, q_len: int, kv_len: int) -> dict[str, Any]:
+    return {"mask": sparse.bigbird_mask(
+        q_len, kv_len, block_size=self.block_size, num_window_blocks=self.num_window_blocks,
+        num_global_blocks=self.num_global_blocks, num_random_blocks=self.num_random_blocks,
+        seed=self.seed)}
 
 
-class Longformer(nn.Module):
+@registry.register(
+    name="longformer", paper="Beltagy et al. 2020",
+    summary="sliding window + the first `num_global_tokens` tokens global", cross_attention=False,
+    weights=True, implementations=IMPLEMENTATIONS)
+class Longformer(Softmax):
   """Sliding window plus the first `num_global_tokens` positions as global tokens."""
 
   window: int | tuple[int, int] = 128
   num_global_tokens: int = 1
 
-  @nn.compact
-  def __call__(self, query: Array, key: Array, value: Array, *, mask: Array | None = None,
-               **kwargs: Any) -> Array:
-    if query.shape[1] != key.shape[1]:
-      raise ValueError(f"attention='longformer' is self-attention (T == S); got T = "
-                       f"{query.shape[1]}, S = {key.shape[1]}.")
-    is_global = jnp.arange(query.shape[1])[None, :] < self.num_global_tokens
-    pattern = sparse.longformer_mask(jnp.broadcast_to(is_global, query.shape[:2]), self.window)
-    mask = pattern if mask is None else jnp.logical_and(mask, pattern)
-    return dot_product_attention(query, key, value, mask=mask, **kwargs)
+  def pattern(self, q_len: int, kv_len: int) -> dict[str, Any]:
+    if q_len != kv_len:
+      raise ValueError(f"attention='longformer' is self-attention (T == S); got T = {q_len}, "
+                       f"S = {kv_len}.")
+    is_global = jnp.arange(q_len)[None, :] < self.num_global_tokens
+    return {"mask": sparse.longformer_mask(is_global, self.window)}
 
 
 def _linear_kwargs(name: str, kwargs: dict) -> dict:
@@ -129,6 +138,10 @@ def _linear_kwargs(name: str, kwargs: dict) -> dict:
   return keep
 
 
+@registry.register(
+    name="linear", paper="Katharopoulos et al. 2020",
+    summary="elu+1 feature map; causal form by chunk-wise prefix sums",
+    packed=False)  # Packed segments and recurrent decoding: in progress (issue #12).
 class Linear(nn.Module):
   """Linear attention with the elu + 1 feature map (causal: chunk-wise prefix sums)."""
 
@@ -140,6 +153,10 @@ class Linear(nn.Module):
                                    **_linear_kwargs("linear", kwargs))
 
 
+@registry.register(
+    name="performer", paper="Choromanski et al. 2021",
+    summary="FAVOR+: positive orthogonal random features, redrawable",
+    packed=False)  # Packed segments and recurrent decoding: in progress (issue #12).
 class Performer(nn.Module):
   """FAVOR+ with `num_features` positive orthogonal random features.
 
@@ -162,6 +179,10 @@ class Performer(nn.Module):
                                       **_linear_kwargs("performer", kwargs))
 
 
+@registry.register(
+    name="linformer", paper="Wang et al. 2020",
+    summary="keys / values projected along the sequence to `projected_length`", causal=False,
+    packed=False, implementations=IMPLEMENTATIONS)
 class Linformer(nn.Module):
   """Keys and values projected from S <= `max_length` positions down to `projected_length`."""
 
@@ -189,6 +210,10 @@ class Linformer(nn.Module):
                                         implementation=implementation)
 
 
+@registry.register(
+    name="cosine", paper="Liu et al. 2022 (Swin V2)",
+    summary="cosine similarity over a learned per-head temperature", decoding="kv_cache",
+    implementations=IMPLEMENTATIONS)
 class Cosine(nn.Module):
   """Cosine similarity over a learned per-head temperature, clamped at `min_temperature`."""
 
@@ -209,6 +234,9 @@ class Cosine(nn.Module):
                                      **kwargs)
 
 
+@registry.register(
+    name="sigmoid", paper="Ramapuram et al. 2024",
+    summary="elementwise sigmoid with bias -log S")  # Its bias depends on S: no cache.
 class Sigmoid(nn.Module):
   """Sigmoid attention with the bias b (default -log S)."""
 
@@ -224,6 +252,9 @@ class Sigmoid(nn.Module):
                                       **kwargs)
 
 
+@registry.register(
+    name="sinks", paper="Xiao et al. 2023; gpt-oss (2025)",
+    summary="softmax with a learned per-head sink logit", decoding="kv_cache")
 class Sinks(nn.Module):
   """Softmax attention with a learned per-head sink logit (initialized to `init_logit`)."""
 
@@ -241,28 +272,9 @@ class Sinks(nn.Module):
     return variants.sink_attention(query, key, value, sink_logits, **kwargs)
 
 
-ATTENTION: dict[str, type[nn.Module]] = {
-    "softmax": Softmax,
-    "local": Local,
-    "chunked": Chunked,
-    "bigbird": BigBird,
-    "longformer": Longformer,
-    "linear": Linear,
-    "performer": Performer,
-    "linformer": Linformer,
-    "cosine": Cosine,
-    "sigmoid": Sigmoid,
-    "sinks": Sinks,
-}
-
-
 def make_attention(attention: str, options: Mapping[str, Any] | None = None,
                    **module_kwargs: Any) -> nn.Module:
-  """The core module for `attention` built with `options`; unknown names list the valid ones."""
-  if attention not in ATTENTION:
-    raise ValueError(f"attention={attention!r} is unknown; choose one of {sorted(ATTENTION)}.")
-  try:
-    return ATTENTION[attention](**dict(options or {}), **module_kwargs)
-  except TypeError as e:
-    raise ValueError(f"attention_options {dict(options or {})} do not fit "
-                     f"attention={attention!r}: {e}") from e
+  """The module for `attention` built with `options` (checked against its fields); unknown
+  names and options are ConfigErrors listing the valid ones."""
+  mechanism = registry.get(attention)
+  return mechanism.module(**registry.check_options(attention, options), **module_kwargs)

@@ -7,15 +7,18 @@ dataclass. Each switch names the paper it comes from in the README's variant tab
 
 import dataclasses
 import typing
+from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
 import ml_collections
+from flax.core import FrozenDict
 from ml_collections import config_dict
 
+from attn.errors import ConfigError
+from attn.layers import registry
 from attn.layers.feedforward import FFN_KINDS
 from attn.layers.norms import NORMS
-from attn.layers.variants import ATTENTION
 from attn.ops.dispatch import IMPLEMENTATIONS
 
 KINDS = ("lm", "encoder_decoder", "encoder", "classifier", "vit")
@@ -25,6 +28,8 @@ NORM_PLACEMENTS = ("pre", "post", "sandwich")
 POOLINGS = ("cls", "mean", "attention")
 REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16", "float16")
+# Fields removed in favour of one spelling: old name -> (mechanism, its option).
+RENAMED = {"local_window": ("local", "window"), "attention_chunk": ("chunked", "chunk_size")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,10 +46,10 @@ class ModelConfig:
   head_dim: int | None = None  # None = d_model // num_heads
   mlp_dim: int = 512
   max_len: int = 512  # longest sequence (learned positions, KV cache size)
-  attention: str = "softmax"  # self-attention mechanism, a name in attn.layers.variants.ATTENTION
+  attention: str = "softmax"  # self-attention mechanism, a name in attn.layers.registry
+  # The mechanism's options (its module's fields), e.g. {"window": 64} for attention='local'.
+  attention_options: Mapping[str, Any] = dataclasses.field(default_factory=FrozenDict)
   attention_impl: str | None = None  # 'xla', 'cudnn', ... or None = best available
-  local_window: int | None = None  # sliding-window self-attention: keys within this distance
-  attention_chunk: int | None = None  # chunked causal self-attention (decoders)
   position: str = "sinusoidal"
   rope_base: float = 10_000.0
   rope_fraction: float = 1.0
@@ -72,7 +77,10 @@ class ModelConfig:
 
   def __post_init__(self) -> None:
     _check_choice("kind", self.kind, KINDS)
-    _check_choice("attention", self.attention, tuple(ATTENTION))
+    # Frozen (hashable: the model is a static jit argument) and checked against the module.
+    object.__setattr__(self, "attention_options", FrozenDict(
+        registry.check_options(self.attention, self.attention_options)))
+    registry.check_model(self.attention, self.kind)
     _check_choice("position", self.position, VIT_POSITIONS if self.kind == "vit" else POSITIONS)
     _check_choice("norm", self.norm, tuple(NORMS))
     _check_choice("norm_placement", self.norm_placement, NORM_PLACEMENTS)
@@ -87,8 +95,7 @@ class ModelConfig:
                  "num_classes", "image_size", "patch_size", "channels", "t5_num_buckets",
                  "t5_max_distance"):
       _check_positive(name, getattr(self, name))
-    for name in ("num_decoder_layers", "num_kv_heads", "head_dim", "local_window",
-                 "attention_chunk", "softcap"):
+    for name in ("num_decoder_layers", "num_kv_heads", "head_dim", "softcap"):
       if getattr(self, name) is not None:
         _check_positive(name, getattr(self, name))
     for name in ("dropout_rate", "attention_dropout_rate"):
@@ -112,8 +119,6 @@ class ModelConfig:
     if self.kind == "vit" and self.image_size % self.patch_size:
       raise ValueError(f"model.image_size ({self.image_size}) must be divisible by "
                        f"model.patch_size ({self.patch_size}).")
-    if self.attention_chunk is not None and self.kind != "lm":
-      raise ValueError("model.attention_chunk (chunked causal attention) needs kind='lm'.")
 
   @property
   def kv_heads(self) -> int:
@@ -143,10 +148,18 @@ class ModelConfig:
   def from_config(cls, config: ml_collections.ConfigDict | dict[str, Any]) -> "ModelConfig":
     """Build and validate from `config.model`; unknown fields are an error naming them."""
     values = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+    for old, (mechanism, option) in RENAMED.items():
+      if values.get(old) is not None:
+        raise ConfigError(
+            f"model.{old} is gone; set model.attention={mechanism!r} and "
+            f"model.attention_options.{option}={values[old]!r} instead.")
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-      raise ValueError(f"Unknown model config field(s) {unknown}; known fields: {sorted(known)}.")
+      raise ConfigError(f"Unknown model config field(s) {unknown}; known fields: {sorted(known)}.")
+    # Unset command-line slots (None) are not options: the mechanism's default applies.
+    options = values.get("attention_options") or {}
+    values["attention_options"] = {k: v for k, v in dict(options).items() if v is not None}
     return cls(**values)
 
 
@@ -156,7 +169,12 @@ def default_config() -> ml_collections.ConfigDict:
   hints = typing.get_type_hints(ModelConfig)
   config = ml_collections.ConfigDict()
   for field in dataclasses.fields(ModelConfig):
-    if field.default is None:
+    if field.name == "attention_options":
+      # One typed slot per option name of every mechanism: `--config.model.attention_options.
+      # window=64` and sweeps over `model.attention_options.window` work on a locked config.
+      config[field.name] = ml_collections.ConfigDict(
+          {k: config_dict.placeholder(t) for k, t in registry.option_slots().items()})
+    elif field.default is None:
       inner = [t for t in typing.get_args(hints[field.name]) if t is not type(None)][0]
       config[field.name] = config_dict.placeholder(inner)
     else:

@@ -13,12 +13,13 @@ import jax
 import jax.numpy as jnp
 
 from attn.layers import (
-    FeedForward,
-    LearnedPositionEmbedding,
-    MultiHeadAttention,
-    SinusoidalPositionEmbedding,
-    T5RelativePositionBias,
-    make_norm,
+  FeedForward,
+  LearnedPositionEmbedding,
+  MultiHeadAttention,
+  SinusoidalPositionEmbedding,
+  T5RelativePositionBias,
+  make_norm,
+  registry,
 )
 from attn.models.config import ModelConfig
 from attn.ops import positions as positions_lib
@@ -44,20 +45,41 @@ def _norm(config: ModelConfig, name: str) -> nn.Module:
 
 
 def attention_layer(config: ModelConfig, name: str, *, rope: bool, decode: bool = False,
-                    mechanism: str = "softmax") -> MultiHeadAttention:
-  """A MultiHeadAttention configured from the model config.
+                    mechanism: str = "softmax") -> nn.Module:
+  """The attention layer for `mechanism`, configured from the model config.
 
-  `config.attention` (the mechanism: linear, performer, ...) applies to self-attention only;
+  A core-level mechanism runs inside MultiHeadAttention; a layer-level one (registry
+  `level='layer'`) is built in its place with the same attributes plus its options.
+  `config.attention` (and `config.attention_options`) apply to self-attention only;
   cross-attention and attention pooling stay softmax.
   """
-  return MultiHeadAttention(
-      attention=mechanism,
+  entry = registry.get(mechanism)
+  options = dict(config.attention_options) if mechanism == config.attention else {}
+  attributes = dict(
       num_heads=config.num_heads, num_kv_heads=config.kv_heads,
       head_dim=config.head_size, use_bias=config.use_bias,
       dropout_rate=config.attention_dropout_rate, qk_norm=config.qk_norm, softcap=config.softcap,
       rope_base=config.rope_base if rope else None, rope_fraction=config.rope_fraction,
       implementation=config.attention_impl, decode=decode, dtype=config.compute_dtype,
       param_dtype=config.weights_dtype, name=name)
+  if entry.level == "layer":
+    return entry.module(**attributes, **options)
+  return MultiHeadAttention(attention=mechanism, attention_options=options or None, **attributes)
+
+
+def _segment_keywords(mechanism: str, segment_ids: Array | None) -> dict[str, Array]:
+  """The self-attention keywords for `segment_ids`: as they are, or, for a mechanism with
+  padding but no packing support (registry), as key lengths.
+
+  Key lengths are right only for one sequence per row followed by padding (`data.pack=False`);
+  the trainer's config validation requires that for these mechanisms.
+  """
+  entry = registry.get(mechanism)
+  if segment_ids is None:
+    return {}
+  if entry.packed or not entry.padding:
+    return {"segment_ids": segment_ids}
+  return {"key_value_seq_lengths": jnp.sum(segment_ids != 0, axis=-1).astype(jnp.int32)}
 
 
 class Block(nn.Module):
@@ -91,15 +113,11 @@ class Block(nn.Module):
     """`(x, None)`: the scan-friendly signature; `context` holds the per-stack arrays."""
     config = self.config
     token_mask = context.get("token_mask")
-    window = None
-    if config.local_window is not None:
-      window = (config.local_window, 0 if self.causal else config.local_window)
     self_attention = attention_layer(config, "self_attention", rope=config.position == "rope",
                                      decode=self.decode, mechanism=config.attention)
     x = self._residual(x, lambda h: self_attention(
         h, bias=context.get("bias"), q_positions=context.get("positions"),
-        segment_ids=context.get("segment_ids"), is_causal=self.causal,
-        local_window_size=window, chunk_size=config.attention_chunk if self.causal else None,
+        **_segment_keywords(config.attention, context.get("segment_ids")), is_causal=self.causal,
         deterministic=self.deterministic), "self_attention", token_mask)
     if self.cross_attention:
       cross = attention_layer(config, "cross_attention", rope=False)

@@ -124,8 +124,6 @@ def _sample(model: nn.Module, params: Any, info: data_lib.DataInfo, config: Any)
   """Text generated from `train.sample_prompt` (lm runs with train.sample_tokens > 0)."""
   if info.task != "lm" or not config.train.sample_tokens or info.tokenizer is None:
     return None
-  if model.config.attention != "softmax":
-    return None  # The KV cache (and so decoding) exists for softmax attention only.
   from attn import decode
 
   prompt = np.concatenate([[info.bos_id], info.tokenizer.encode(config.train.sample_prompt)])
@@ -165,6 +163,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     model_cfg = models.ModelConfig.from_config(config.model)
   except (TypeError, ValueError) as e:
     raise config_lib.ConfigError(str(e)) from e
+  config_lib.check_mechanism(config, model_cfg)
   t = config.train
   mesh = sharding_lib.make_mesh(config.mesh)
   axis_rules = sharding_lib.rules(config.mesh)
@@ -380,7 +379,10 @@ def _summary(config: Any, workdir: str, *, state: state_lib.TrainState, model: n
     "sample": sample,
     "config": _json_config(config),
   }
-  if sample is not None and jax.process_count() == 1:
+  from attn.layers import registry  # Deferred like the models (see train_and_evaluate).
+
+  if (sample is not None and jax.process_count() == 1
+      and registry.get(model.config.attention).weights):
     from attn import viz  # Deferred: matplotlib is only needed at the very end.
 
     # One picture of what the heads look at on the sample (layers x heads).

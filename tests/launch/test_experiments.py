@@ -9,6 +9,7 @@ import pytest
 
 from attn import models, train
 from attn.data import registry
+from attn.layers import registry as registry_lib
 from launch import sweep
 
 REPO = sweep.REPO
@@ -30,9 +31,13 @@ DOCUMENTED = {
   "norm_ablation": [None, "norm=rmsnorm,place=post", "norm=batchnorm,warmup=False,lr=0.001",
                     "place=sandwich", "runlocal"],
   "attention_ablation": [None, "attention=gqa,position=alibi,heads=8", "attention=mqa,position=t5",
-                         "position=none", "runlocal"],
+                         "position=none", "attention=linear", "attention=bigbird",
+                         "attention=chunked", "grid=positions", "runlocal"],
 }
-SWEEPS = {"mqar": 48, "norm_ablation": 24, "attention_ablation": 36}
+SWEEPS = {"mqar": 48, "norm_ablation": 24,
+          # Every mechanism with a causal form, from the registry, plus MHA / GQA / MQA.
+          "attention_ablation": 2 + len([m for m in registry_lib.mechanisms().values()
+                                         if m.causal])}
 
 
 def _config(name, arg):

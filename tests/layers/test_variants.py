@@ -1,4 +1,4 @@
-"""Every mechanism in the ATTENTION table, selected by name in MultiHeadAttention."""
+"""Every core mechanism in the registry, selected by name in MultiHeadAttention."""
 
 import jax
 import jax.numpy as jnp
@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 from flax.core import meta
 
-from attn.layers import MultiHeadAttention
-from attn.layers.variants import ATTENTION
+from attn.layers import MultiHeadAttention, registry
 
 B, T, D = 2, 12, 16
 # Small options so the tiny inputs still cross blocks, chunks and windows.
@@ -23,18 +22,18 @@ OPTIONS = {
 # Mechanism-specific parameters, beside the four projections.
 OWN_PARAMS = {"linformer": {"key_projection"}, "cosine": {"log_inverse_temperature"},
               "sinks": {"sink_logits"}}
-NON_CAUSAL = {"linformer"}  # projects along the sequence: no causal form
+CORES = [n for n, m in registry.mechanisms().items() if m.level == "core"]
 
 
 def _x(seed: int = 0) -> jax.Array:
   return jnp.asarray(np.random.default_rng(seed).normal(size=(B, T, D)), jnp.float32)
 
 
-@pytest.mark.parametrize("name", sorted(ATTENTION))
+@pytest.mark.parametrize("name", CORES)
 def test_every_mechanism_runs_by_name_with_finite_outputs_and_gradients(name):
   layer = MultiHeadAttention(num_heads=4, num_kv_heads=2, attention=name,
                              attention_options=OPTIONS.get(name))
-  kwargs = {} if name in NON_CAUSAL else {"is_causal": True}
+  kwargs = {"is_causal": True} if registry.get(name).causal else {}
   x = _x()
   params = meta.unbox(jax.jit(lambda x: layer.init(jax.random.key(0), x, **kwargs))(x))["params"]
   assert set(params) == {"query", "key", "value", "out"} | ({name} if name in OWN_PARAMS else set())
@@ -102,7 +101,8 @@ def test_keywords_a_mechanism_cannot_honor_are_errors(name, kwargs, match):
                         attention_options={"max_length": 8}), r"max_length=8 keys, got 12"),
     (MultiHeadAttention(num_heads=4, attention="linear", decode=True), r"decode"),
     (MultiHeadAttention(num_heads=4, attention="sinks", attention_options={"features": 3}),
-     r"attention_options \{'features': 3\} do not fit attention='sinks'"),
+     r"attention_options.features is not an option of model.attention='sinks'; its options "
+     r"\(with defaults\): init_logit=0.0"),
 ])
 def test_bad_configuration_raises_value_error(layer, match):
   with pytest.raises(ValueError, match=match):

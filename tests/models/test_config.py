@@ -4,6 +4,7 @@ import dataclasses
 
 import pytest
 
+from attn.errors import ConfigError
 from attn.models import ModelConfig, default_config
 
 
@@ -21,7 +22,7 @@ def test_optional_fields_accept_overrides_of_their_type():
 @pytest.mark.parametrize("overrides, match", [
     (dict(d_model=130, num_heads=4), r"model.d_model \(130\) must be divisible by model.num_heads"),
     (dict(num_heads=4, num_kv_heads=3), r"model.num_heads \(4\) must be divisible by model.num_kv"),
-    (dict(attention="flash"), r"model.attention='flash' is not one of \['softmax', 'local'"),
+    (dict(attention="flash"), r"model.attention='flash' is unknown; choose one of \['bigbird', "),
     (dict(kind="gpt"), r"model.kind='gpt' is not one of \['lm', 'encoder_decoder'"),
     (dict(position="xpos"), r"model.position='xpos' is not one of \['sinusoidal'"),
     (dict(kind="vit", position="rope"), r"model.position='rope' is not one of \['sinusoidal', 'l"),
@@ -35,11 +36,43 @@ def test_optional_fields_accept_overrides_of_their_type():
     (dict(dropout_rate=1.0), r"model.dropout_rate must be in \[0, 1\)"),
     (dict(position="rope", rope_fraction=0.3), r"model.rope_fraction \(0.3\) x head size \(32\)"),
     (dict(kind="vit", image_size=9, patch_size=2), r"model.image_size \(9\) must be divisible"),
-    (dict(kind="encoder", attention_chunk=4), r"model.attention_chunk.*kind='lm'"),
+    (dict(kind="encoder", attention="chunked"),
+     r"model.attention='chunked' cannot be used in model.kind='encoder': it lacks a "
+     r"bidirectional form"),
+    (dict(attention="linformer"), r"model.attention='linformer' cannot be used in "
+     r"model.kind='lm': it lacks a causal form.*kind in \['encoder', 'classifier', 'vit'\]"),
+    (dict(attention="local", attention_options={"widow": 3}),
+     r"model.attention_options.widow is not an option of model.attention='local'; its options "
+     r"\(with defaults\): window=128"),
+    (dict(attention="performer", attention_options={"num_features": 2.5}),
+     r"model.attention_options.num_features=2.5 does not fit model.attention='performer': "
+     r"expected int \(default 256\)"),
 ])
 def test_bad_values_raise_errors_naming_the_field(overrides, match):
   with pytest.raises(ValueError, match=match):
     ModelConfig(**overrides)
+
+
+def test_attention_options_are_set_from_a_locked_config_and_frozen():
+  config = default_config()
+  config.lock()
+  config.attention = "local"
+  config.attention_options.window = 64
+  model = ModelConfig.from_config(config)
+  assert dict(model.attention_options) == {"window": 64}
+  assert hash(model) == hash(ModelConfig(attention="local", attention_options={"window": 64}))
+  # Lists (JSON, YAML) become tuples, so the config stays hashable.
+  pair = ModelConfig(attention="local", attention_options={"window": [4, 0]})
+  assert pair.attention_options["window"] == (4, 0)
+
+
+@pytest.mark.parametrize("old, new", [("local_window", r"attention='local' and model."
+                                                       r"attention_options.window=8"),
+                                      ("attention_chunk", r"attention='chunked' and model."
+                                                          r"attention_options.chunk_size=8")])
+def test_removed_fields_name_the_new_spelling(old, new):
+  with pytest.raises(ConfigError, match=rf"model.{old} is gone; set model.{new} instead"):
+    ModelConfig.from_config(default_config().to_dict() | {old: 8})
 
 
 def test_unknown_fields_are_listed():
