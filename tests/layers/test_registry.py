@@ -14,6 +14,7 @@ from attn import decode
 from attn.errors import ConfigError
 from attn.layers import MultiHeadAttention, registry
 from attn.models import ModelConfig, build
+from tests.test_decode import _naive_greedy
 
 SMALL = dict(vocab_size=30, d_model=16, num_heads=2, mlp_dim=32, max_len=16, num_layers=2)
 
@@ -106,11 +107,7 @@ def test_a_recurrent_core_gets_decode_and_keeps_the_only_cache(test_mechanisms):
   assert set(layer_cache) == {"test_recurrent"}  # no cached_key / cached_value of its own
   assert set(layer_cache["test_recurrent"]) == {"sum", "count"}
   out = decode.generate(model, params, tokens[:, :4], max_new_tokens=6)
-  expected = tokens[:, :4]
-  for _ in range(6):  # greedy without a cache: the whole sequence each step
-    logits = model.apply({"params": params}, expected)
-    expected = jnp.concatenate([expected, jnp.argmax(logits[:, -1], -1)[:, None]], axis=1)
-  np.testing.assert_array_equal(out, expected)
+  np.testing.assert_array_equal(out, _naive_greedy(model, params, tokens[:, :4], 6))
 
 
 def test_a_layer_level_mechanism_replaces_the_attention_layer(test_mechanisms):
@@ -128,11 +125,7 @@ def test_a_layer_level_mechanism_replaces_the_attention_layer(test_mechanisms):
   assert not np.allclose(model.apply({"params": params}, tokens),
                          softmax.apply({"params": params}, tokens))
   out = decode.generate(model, params, tokens[:, :3], max_new_tokens=4)
-  expected = tokens[:, :3]
-  for _ in range(4):
-    logits = model.apply({"params": params}, expected)
-    expected = jnp.concatenate([expected, jnp.argmax(logits[:, -1], -1)[:, None]], axis=1)
-  np.testing.assert_array_equal(out, expected)
+  np.testing.assert_array_equal(out, _naive_greedy(model, params, tokens[:, :3], 4))
 
 
 def test_decode_and_maps_follow_the_registry():
