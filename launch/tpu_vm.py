@@ -8,20 +8,23 @@
     python -m launch.tpu_vm delete --name attn-v5e --zone us-west4-a [--queued]
 
 Subcommands: create (on-demand, `--spot`, or `--queued` for a queued resource, waiting until it
-is ACTIVE), setup (on all workers: the copied working tree, or `--repo URL --ref REF` cloned;
-then `pip install -e .[tpu]` in ~/attn/.venv), run (experiments.main on all workers with the
-same command; `--sweep_point NAME` runs one point of the experiment's sweep), sweep
+is ACTIVE), setup (on all workers: the copied working tree, or `--repo URL --ref REF` cloned
+and moved to REF's latest commit; then Python 3.11 from `uv` (TPU images ship 3.10) and
+~/attn/.venv with `.[tpu]`, pinned by requirements/tpu.txt when the tree has it), run
+(experiments.main on all workers with the same command; `--sweep_point NAME` runs one point of
+the experiment's sweep), sweep
 (launch.sweep on worker 0: single-host slices only), logs, stop, delete, and up (create if
 missing + setup + run). `--dry_run` prints every gcloud command and runs none.
 
 Every host runs the same `python -m experiments.main` command; JAX finds its peers on a pod
 slice by itself (attn.train.distributed), so nothing here passes ranks. On a multi-host slice the
-workdir must be a directory every worker sees (a gcsfuse mount of a bucket, or NFS), since
-Orbax writes one checkpoint from all hosts.
+workdir must be a directory every worker sees (a gs:// bucket path, a gcsfuse mount, or NFS),
+since Orbax writes one checkpoint from all hosts.
 
-The same command is always safe to run again: `create` skips an existing VM, `run` refuses to
-start a second copy of a run that is still alive and otherwise resumes from the workdir. After
-a spot preemption, run `up` again.
+The same command is always safe to run again: `create` skips a VM that is up, and deletes and
+recreates one that a spot preemption left PREEMPTED (a queued resource left SUSPENDED or
+FAILED); `run` refuses to start a second copy of a run that is still alive and otherwise resumes
+from the workdir. After a spot preemption, run `up` again.
 """
 
 from __future__ import annotations
@@ -39,6 +42,9 @@ from collections.abc import Sequence
 from launch import grid, sweep
 
 REMOTE_DIR = "~/attn"  # On every worker; the run's code and .venv live here.
+PYTHON = "3.11"  # The project's oldest supported Python; TPU VM images have 3.10.
+# States after which a node must be deleted before it can be created again (spot preemption).
+DEAD_STATES = {"tpu-vm": ("PREEMPTED", "TERMINATED"), "queued": ("SUSPENDED", "FAILED")}
 LOG_DIR = "~/attn_logs"
 SOURCE_TARBALL = "attn-src.tar.gz"
 
@@ -81,16 +87,39 @@ def ssh_command(args: argparse.Namespace, script: str, worker: str = "all") -> l
           f"--worker={worker}", f"--command={script}"]
 
 
+def install_script() -> str:
+  """uv (pip --user, else its installer), Python 3.11, then .venv: the lock file's pins first when
+  the tree has requirements/tpu.txt, then the project itself. A .venv of an older Python (an
+  earlier setup with the image's 3.10) is replaced; a good one is updated in place, so that a run
+  still alive on the worker keeps its environment."""
+  py = ".venv/bin/python"
+  return (f'export PATH="$HOME/.local/bin:$PATH"; '
+          "command -v uv >/dev/null || python3 -m pip install -q --user uv "
+          "|| curl -LsSf https://astral.sh/uv/install.sh | sh; "
+          f"cd {REMOTE_DIR} && uv python install -q {PYTHON} && "
+          f"{{ {py} -c 'import sys; assert sys.version_info >= ({PYTHON.replace('.', ', ')})' "
+          f"2>/dev/null || uv venv -q --clear --python {PYTHON} .venv; }} && "
+          f"if [ -f requirements/tpu.txt ]; then uv pip install -q --python {py} "
+          "-r requirements/tpu.txt; fi && "
+          f"uv pip install -q --python {py} -e '.[tpu]'")
+
+
+def checkout_script(repo: str, ref: str, path: str = REMOTE_DIR) -> str:
+  """Clones `repo` once, then moves `path` to the newest `ref` on every setup: a branch is reset
+  to origin's (`--ref main` really gets today's main), a tag or commit is checked out detached."""
+  q_ref, remote = shlex.quote(ref), shlex.quote(f"origin/{ref}")
+  return (f"if [ ! -d {path}/.git ]; then git clone -q {shlex.quote(repo)} {path}; fi && "
+          f"cd {path} && git fetch -q --tags --force origin && "
+          f"if git rev-parse -q --verify {remote} >/dev/null; then "
+          f"git checkout -q -f -B {q_ref} {remote}; else git checkout -q -f --detach {q_ref}; fi")
+
+
 def setup_commands(args: argparse.Namespace, tarball: str | None = None) -> list[list[str]]:
   """Code on every worker (scp of a tarball of the tree, or git clone of --repo at --ref), then
-  a virtualenv with `pip install -e .[tpu]`."""
-  install = (f"cd {REMOTE_DIR} && python3 -m venv .venv && .venv/bin/pip install -q -U pip && "
-             ".venv/bin/pip install -q -e '.[tpu]'")
+  Python 3.11 and the virtualenv (install_script)."""
+  install = install_script()
   if args.repo:
-    fetch = (f"set -e; if [ ! -d {REMOTE_DIR}/.git ]; then git clone {shlex.quote(args.repo)} "
-             f"{REMOTE_DIR}; fi; cd {REMOTE_DIR} && git fetch -q origin && "
-             f"git checkout -q {shlex.quote(args.ref)}")
-    return [ssh_command(args, f"{fetch} && {install}")]
+    return [ssh_command(args, f"set -e; {checkout_script(args.repo, args.ref)} && {install}")]
   tarball = tarball or os.path.join(tempfile.gettempdir(), SOURCE_TARBALL)
   copy = ["gcloud", "compute", "tpus", "tpu-vm", "scp", tarball, f"{args.name}:{SOURCE_TARBALL}",
           *_scope(args), "--worker=all"]
@@ -184,27 +213,50 @@ def commands(args: argparse.Namespace) -> list[list[str]]:
   if args.command == "stop":
     return [["gcloud", "compute", "tpus", "tpu-vm", "stop", args.name, *_scope(args)]]
   if args.command == "delete":
-    if args.queued:  # --force also deletes the TPU VM the request created.
-      return [["gcloud", "compute", "tpus", "queued-resources", "delete", args.name,
-               *_scope(args), "--force", "--quiet"]]
-    return [["gcloud", "compute", "tpus", "tpu-vm", "delete", args.name, *_scope(args), "--quiet"]]
+    return [delete_command(args)]
   raise ValueError(f"Unknown subcommand {args.command!r}.")
 
 
-def _exists(args: argparse.Namespace) -> bool:
-  return subprocess.run(describe_command(args), capture_output=True).returncode == 0
+def delete_command(args: argparse.Namespace) -> list[str]:
+  if args.queued:  # --force also deletes the TPU VM the request created.
+    return ["gcloud", "compute", "tpus", "queued-resources", "delete", args.name, *_scope(args),
+            "--force", "--quiet"]
+  return ["gcloud", "compute", "tpus", "tpu-vm", "delete", args.name, *_scope(args), "--quiet"]
+
+
+def _state(args: argparse.Namespace) -> str | None:
+  """The node's (queued resource's) state, e.g. READY, PREEMPTED, ACTIVE; None if it is absent."""
+  done = subprocess.run(describe_command(args), capture_output=True, text=True)
+  return done.stdout.strip() if done.returncode == 0 else None
+
+
+def _create(args: argparse.Namespace, cmd: list[str]) -> None:
+  """Creates the node unless it is up; a preempted one is deleted first (it cannot restart)."""
+  state = _state(args)
+  if state in DEAD_STATES["queued" if args.queued else "tpu-vm"]:
+    print(f"{args.name} is {state}; deleting and creating it again.", flush=True)
+    delete = delete_command(args)
+    print("+ " + shlex.join(delete), flush=True)
+    subprocess.run(delete, check=True)
+  elif state is not None:
+    print(f"{args.name} exists ({state}); not creating it.", flush=True)
+    return
+  print("+ " + shlex.join(cmd), flush=True)
+  subprocess.run(cmd, check=True)
+  if args.queued:
+    _wait_active(args)
 
 
 def _wait_active(args: argparse.Namespace, poll_s: float = 30.0) -> None:
   """A queued resource is usable once ACTIVE; FAILED or SUSPENDED will not get better."""
   while True:
-    state = subprocess.run(describe_command(args), capture_output=True, text=True,
-                           check=True).stdout.strip()
+    state = _state(args)
     print(f"{args.name}: {state}", flush=True)
     if state == "ACTIVE":
       return
-    if state in ("FAILED", "SUSPENDED"):
-      raise SystemExit(f"Queued resource {args.name} is {state}; delete it and try again.")
+    if state is None or state in DEAD_STATES["queued"]:
+      raise SystemExit(f"Queued resource {args.name} is {state or 'gone'}; run the same command "
+                       "again to delete and recreate it.")
     time.sleep(poll_s)
 
 
@@ -217,12 +269,7 @@ def execute(args: argparse.Namespace) -> None:
   creates = create_commands(args) if args.command in ("create", "up") else []
   for cmd in commands(args):
     if cmd in creates:
-      if _exists(args):
-        print(f"{args.name} exists; not creating it.", flush=True)
-        continue
-      subprocess.run(cmd, check=True)
-      if args.queued:
-        _wait_active(args)
+      _create(args, cmd)
       continue
     print("+ " + shlex.join(cmd), flush=True)
     try:
@@ -246,7 +293,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   parser.add_argument("--spot", action="store_true", help="spot capacity (preemptible)")
   parser.add_argument("--queued", action="store_true", help="request through a queued resource")
   parser.add_argument("--repo", default=None, help="git URL to clone instead of copying the tree")
-  parser.add_argument("--ref", default="main", help="git ref to check out with --repo")
+  parser.add_argument("--ref", default="main",
+                      help="with --repo: branch (moved to origin's), tag or commit to check out")
   parser.add_argument("--config", default=None, help="experiment file[:arg] (run / sweep / up)")
   parser.add_argument("--workdir", default=None, help="run directory, as the workers see it")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

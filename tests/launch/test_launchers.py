@@ -35,13 +35,110 @@ def test_setup_copy_and_git(capsys):
   assert ssh[:9] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "attn-v5e",
                      "--zone=us-west4-a", "--project=proj", "--worker=all"]
   assert ssh[9] == ("--command=set -e; mkdir -p ~/attn && tar xzf ~/attn-src.tar.gz -C ~/attn "
-                    "&& cd ~/attn && python3 -m venv .venv && .venv/bin/pip install -q -U pip && "
-                    ".venv/bin/pip install -q -e '.[tpu]'")
+                    f"&& {tpu_vm.install_script()}")
   (line,) = _dry(tpu_vm.main, ["setup", *VM, "--repo", "https://x/attn.git", "--ref", "v1"],
                  capsys)
   script = shlex.split(line)[-1]
-  assert "git clone https://x/attn.git ~/attn" in script
-  assert "git checkout -q v1 &&" in script
+  assert script == ("--command=set -e; " + tpu_vm.checkout_script("https://x/attn.git", "v1") +
+                    " && " + tpu_vm.install_script())
+  assert "git clone -q https://x/attn.git ~/attn" in script
+
+
+def test_install_gets_python_311_before_the_venv():
+  """TPU images have Python 3.10: uv installs 3.11, an older .venv is replaced, the lock file's
+  pins (when the tree has requirements/tpu.txt) go in before the project."""
+  steps = tpu_vm.install_script().split(" && ")
+  assert steps[0].endswith("cd ~/attn")
+  assert steps[1] == "uv python install -q 3.11"
+  assert steps[2] == ("{ .venv/bin/python -c 'import sys; assert sys.version_info >= (3, 11)' "
+                      "2>/dev/null || uv venv -q --clear --python 3.11 .venv; }")
+  assert steps[3] == ("if [ -f requirements/tpu.txt ]; then uv pip install -q --python "
+                      ".venv/bin/python -r requirements/tpu.txt; fi")
+  assert steps[4] == "uv pip install -q --python .venv/bin/python -e '.[tpu]'"
+  assert "python3 -m venv" not in tpu_vm.install_script()
+
+
+def _git(cwd, *argv):
+  return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *argv], cwd=cwd,
+                        check=True, capture_output=True, text=True).stdout.strip()
+
+
+def test_ref_moves_an_existing_clone(tmp_path):
+  """Setup twice with --ref main after origin moved on: the clone is at origin's new main (a
+  plain `git checkout main` would stay on the old local branch); tags check out detached."""
+  origin = tmp_path / "origin"
+  origin.mkdir()
+  _git(origin, "init", "-q", "-b", "main")
+  (origin / "f").write_text("1")
+  _git(origin, "add", "f")
+  _git(origin, "commit", "-q", "-m", "one")
+  _git(origin, "tag", "v1")
+  clone = str(tmp_path / "attn")
+
+  def setup(ref):
+    subprocess.run(["bash", "-c", "set -e; " + tpu_vm.checkout_script(str(origin), ref, clone)],
+                   check=True, capture_output=True)
+    return _git(clone, "rev-parse", "HEAD")
+
+  first = setup("main")
+  (origin / "f").write_text("2")
+  _git(origin, "commit", "-q", "-am", "two")
+  assert first != setup("main") == _git(origin, "rev-parse", "main")
+  assert _git(clone, "branch", "--show-current") == "main"
+  assert setup("v1") == first
+  assert _git(clone, "branch", "--show-current") == ""  # Detached at the tag.
+  assert setup("main") == _git(origin, "rev-parse", "main")
+
+
+def _fake_gcloud(monkeypatch, state):
+  """subprocess.run that answers `describe` with `state` (None: no such node) and records all."""
+  calls = []
+
+  def run(cmd, **kwargs):
+    calls.append(cmd)
+    if "describe" in cmd:
+      ok = state is not None
+      return subprocess.CompletedProcess(cmd, 0 if ok else 1, stdout=f"{state}\n" if ok else "",
+                                         stderr="" if ok else "NOT_FOUND")
+    return subprocess.CompletedProcess(cmd, 0)
+
+  monkeypatch.setattr(tpu_vm.subprocess, "run", run)
+  return calls
+
+
+def test_create_recreates_a_preempted_spot_node(monkeypatch, capsys):
+  argv = ["create", *VM, "--spot"]
+  create = tpu_vm.create_commands(tpu_vm.parse_args(argv))[0]
+  delete = ["gcloud", "compute", "tpus", "tpu-vm", "delete", "attn-v5e", "--zone=us-west4-a",
+            "--project=proj", "--quiet"]
+  calls = _fake_gcloud(monkeypatch, "PREEMPTED")
+  tpu_vm.main(argv)
+  assert [c[4] for c in calls] == ["describe", "delete", "create"]
+  assert calls[1:] == [delete, create]
+  assert "attn-v5e is PREEMPTED; deleting and creating it again." in capsys.readouterr().out
+  calls = _fake_gcloud(monkeypatch, "READY")
+  tpu_vm.main(argv)
+  assert [c[4] for c in calls] == ["describe"]
+  calls = _fake_gcloud(monkeypatch, None)
+  tpu_vm.main(argv)
+  assert calls[1:] == [create]
+
+
+def test_queued_suspended_is_recreated_and_waited_for(monkeypatch):
+  states = iter(["SUSPENDED", "WAITING_FOR_RESOURCES", "ACTIVE"])
+  calls = []
+
+  def run(cmd, **kwargs):
+    calls.append(cmd[3:5])
+    out = next(states) if "describe" in cmd else ""
+    return subprocess.CompletedProcess(cmd, 0, stdout=out, stderr="")
+
+  monkeypatch.setattr(tpu_vm.subprocess, "run", run)
+  monkeypatch.setattr(tpu_vm.time, "sleep", lambda s: None)
+  tpu_vm.main(["create", *VM, "--queued", "--spot"])
+  assert calls == [["queued-resources", "describe"], ["queued-resources", "delete"],
+                   ["queued-resources", "create"], ["queued-resources", "describe"],
+                   ["queued-resources", "describe"]]
 
 
 def test_run_on_all_workers_with_safe_quoting(capsys):
