@@ -64,3 +64,39 @@ def check_gradients(loss64, grads, inputs, rng, *, rtol=2e-4, atol=1e-4):
     numeric = directional_derivative(loss64, inputs, index, direction)
     np.testing.assert_allclose(np.sum(np.asarray(grad, np.float64) * direction), numeric,
                                rtol=rtol, atol=atol, err_msg=f"input {index}")
+
+
+def linear_attention(phi_q, phi_k, v, *, mask=None, normalize=True, dout=None):
+  """Kernelized attention from features, the T x S way, in float64.
+
+  phi_q [B, T, N, F], phi_k [B, S, K, F], v [B, S, K, Hv], mask [B|1, N|1, T, S] (True =
+  attend). A = mask * phi_q phi_k^T, W = A / rowsum(A) (rows without keys: 0), out = W v.
+  Returns out [B, T, N, Hv] and W [B, N, T, S]; with `dout`, also (dphi_q, dphi_k, dv).
+  """
+  phi_q, phi_k, v = (np.asarray(x, np.float64) for x in (phi_q, phi_k, v))
+  batch, q_len, num_heads, _ = phi_q.shape
+  kv_len, num_kv_heads = phi_k.shape[1], phi_k.shape[2]
+  groups = num_heads // num_kv_heads
+  k_rep, v_rep = np.repeat(phi_k, groups, axis=2), np.repeat(v, groups, axis=2)
+  keep = np.ones((batch, num_heads, q_len, kv_len), bool)
+  keep = keep if mask is None else np.broadcast_to(mask, keep.shape)
+  a = np.where(keep, np.einsum("btnf,bsnf->bnts", phi_q, k_rep), 0.0)
+  den = a.sum(-1, keepdims=True) if normalize else np.ones_like(a[..., :1])
+  den = np.where(den == 0.0, 1.0, den)
+  w = a / den
+  out = np.einsum("bnts,bsnh->btnh", w, v_rep)
+  if dout is None:
+    return out, w
+
+  dout = np.asarray(dout, np.float64)
+  dw = np.einsum("btnh,bsnh->bnts", dout, v_rep)
+  dv_rep = np.einsum("bnts,btnh->bsnh", w, dout)
+  da = (dw - (dw * w).sum(-1, keepdims=True)) / den if normalize else dw
+  da = np.where(keep, da, 0.0)
+  dphi_q = np.einsum("bnts,bsnf->btnf", da, k_rep)
+  dk_rep = np.einsum("bnts,btnf->bsnf", da, phi_q)
+
+  def fold(x):  # sum the G query heads that share each key/value head
+    return x.reshape(batch, kv_len, num_kv_heads, groups, x.shape[-1]).sum(3)
+
+  return out, w, (dphi_q, fold(dk_rep), fold(dv_rep))

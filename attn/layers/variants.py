@@ -128,12 +128,13 @@ class Longformer(Softmax):
 
 
 def _linear_kwargs(name: str, kwargs: dict) -> dict:
-  """The keywords linear mechanisms honor (causal, key lengths); reject the rest."""
+  """The keywords linear mechanisms honor (causal, key lengths, segments); reject the rest."""
   kwargs = dict(kwargs)
   kwargs.pop("implementation", None)
   kwargs.pop("dropout_rng", None)
   keep = {"is_causal": kwargs.pop("is_causal", False),
-          "key_value_seq_lengths": kwargs.pop("key_value_seq_lengths", None)}
+          "key_value_seq_lengths": kwargs.pop("key_value_seq_lengths", None),
+          "segment_ids": kwargs.pop("segment_ids", None)}
   _reject(name, **kwargs)
   return keep
 

@@ -15,6 +15,7 @@ G = N // K, H head dim, Hv value head dim, F features, M random features, C chun
 """
 
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +37,30 @@ def identity(x: Array) -> Array:
   return x
 
 
+class RecurrentState(NamedTuple):
+  """The O(1)-per-token state of causal linear attention ("Transformers are RNNs").
+
+  Attributes:
+    kv: float32 `[B, K, F, Hv]`, S = sum_s phi(k_s) v_s^T over the tokens so far.
+    z: float32 `[B, K, F]`, z = sum_s phi(k_s).
+    key_max: float32 `[B, K]`, the constant FAVOR+ keys are stabilized by (`kv` and `z` hold
+      features times exp(-key_max)); unused (0) for maps without a stabilizer.
+    length: int32 scalar, tokens so far (0 = empty, as a zero-initialized cache is).
+  """
+
+  kv: Array
+  z: Array
+  key_max: Array
+  length: Array
+
+
+def init_state(batch: int, num_kv_heads: int, features: int, value_dim: int) -> RecurrentState:
+  """An empty state: zeros (equal to a cache zero-initialized from its shapes)."""
+  return RecurrentState(jnp.zeros((batch, num_kv_heads, features, value_dim), _F32),
+                        jnp.zeros((batch, num_kv_heads, features), _F32),
+                        jnp.zeros((batch, num_kv_heads), _F32), jnp.zeros((), jnp.int32))
+
+
 def linear_attention(
     query: Array,
     key: Array,
@@ -45,10 +70,12 @@ def linear_attention(
     key_feature_map: FeatureMap | None = None,
     is_causal: bool = False,
     key_value_seq_lengths: Array | None = None,
+    segment_ids: Array | None = None,
     normalize: bool = True,
     chunk_size: int = 64,
     eps: float = 1e-6,
-) -> Array:
+    return_weights: bool = False,
+) -> Array | tuple[Array, Array]:
   """Linear attention phi(Q) phi(K)^T V, normalized per row, in O(T) memory.
 
   Args:
@@ -60,35 +87,153 @@ def linear_attention(
     key_feature_map: a different phi for the keys (FAVOR+ stabilizes them differently).
     is_causal: query t sees keys s <= t (top-left aligned when T != S, as in `masks`).
     key_value_seq_lengths: int `[B]`; keys past the length contribute nothing.
+    segment_ids: int `[B, T]` packed sequences (self-attention, T == S): a query sees the keys
+      of its own segment only, so the causal prefix sums restart at every segment start. Equal
+      ids must be contiguous (as the packer writes them); 0 is padding: its keys contribute
+      nothing and its queries output zeros.
     normalize: divide by sum_s phi(q_t) . phi(k_s) (+ eps); False gives the raw sum.
-    chunk_size: C of the causal chunk-wise computation (memory O(T C), time O(T C F)).
+    chunk_size: C of the chunk-wise computation (memory O(T C), time O(T C F)); causal, and
+      non-causal with segments.
     eps: added to the normalizer; a row with no visible key outputs zeros.
+    return_weights: also return the implicit attention matrix `[B, N, T, S]` (float32): the
+      masked, normalized phi(q_t) . phi(k_s) that the output is the product of with V. It
+      is T x S: for maps and tests, not for long sequences.
 
   Returns:
-    `[B, T, N, Hv]` in the query's dtype.
+    `[B, T, N, Hv]` in the query's dtype; with `return_weights`, (output, weights).
   """
   batch, q_len, num_heads, _ = query.shape
-  kv_len, num_kv_heads, value_dim = key.shape[1], key.shape[2], value.shape[-1]
-  groups = num_heads // num_kv_heads
-  phi_q = feature_map(query.astype(_F32))
-  phi_q = phi_q.reshape(batch, q_len, num_kv_heads, groups, phi_q.shape[-1])
-  phi_k = (key_feature_map or feature_map)(key.astype(_F32))
-  v = value.astype(_F32)
+  kv_len, value_dim = key.shape[1], value.shape[-1]
+  phi_q, phi_k, v = _features(query, key, value, feature_map, key_feature_map)
   if key_value_seq_lengths is not None:
     valid = jnp.arange(kv_len)[None, :] < jnp.asarray(key_value_seq_lengths)[:, None]
     phi_k = jnp.where(valid[:, :, None, None], phi_k, 0.0)
-  if is_causal:
-    num, den = _causal(phi_q, phi_k, v, chunk_size)
+  segments = None
+  if segment_ids is not None:
+    segments = _check_segments(segment_ids, batch, q_len, kv_len)
+    phi_k = jnp.where(segments[:, :, None, None] != 0, phi_k, 0.0)  # padding adds nothing
+  if return_weights:
+    return _with_weights(phi_q, phi_k, v, is_causal=is_causal, segments=segments,
+                         normalize=normalize, eps=eps, dtype=query.dtype)
+  if is_causal or segments is not None:
+    num, den = _chunked(phi_q, phi_k, v, chunk_size, causal=is_causal, segments=segments)
   else:
     # The [F, Hv] key summary first: no T x S matrix is ever formed.
     num = jnp.einsum("btkgf,bkfh->btkgh", phi_q, jnp.einsum("bskf,bskh->bkfh", phi_k, v))
     den = jnp.einsum("btkgf,bkf->btkg", phi_q, jnp.sum(phi_k, axis=1))
+  if segments is not None:  # padded queries output zeros and pass no gradient (not 0 / 0)
+    real = segments[:, :, None, None] != 0
+    num, den = jnp.where(real[..., None], num, 0.0), jnp.where(real, den, 1.0)
   out = num / (den[..., None] + eps) if normalize else num
   return out.reshape(batch, q_len, num_heads, value_dim).astype(query.dtype)
 
 
-def _causal(phi_q: Array, phi_k: Array, v: Array, chunk_size: int) -> tuple[Array, Array]:
-  """Causal numerator `[B, T, K, G, Hv]` and normalizer `[B, T, K, G]`, chunk by chunk."""
+def linear_attention_step(
+    query: Array,
+    key: Array,
+    value: Array,
+    state: RecurrentState,
+    *,
+    feature_map: FeatureMap = elu_plus_one,
+    normalize: bool = True,
+    chunk_size: int = 64,
+    eps: float = 1e-6,
+) -> tuple[Array, RecurrentState]:
+  """Causal linear attention of L new tokens after the `state`'s tokens; the updated state.
+
+  The recurrent form (Katharopoulos et al. 2020, sec. 3.4): out_t = phi(q_t) S_t /
+  phi(q_t) . z_t with S_t = S_{t-1} + phi(k_t) v_t^T, z_t = z_{t-1} + phi(k_t); O(1) time and
+  memory per token whatever the context. L > 1 (a prompt) runs chunk-wise on top of the state.
+
+  Args:
+    query: `[B, L, N, H]`.
+    key: `[B, L, K, H]`.
+    value: `[B, L, K, Hv]`.
+    state: `init_state(B, K, F, Hv)` or a previous step's.
+    feature_map, normalize, chunk_size, eps: as in `linear_attention`.
+
+  Returns:
+    (`[B, L, N, Hv]` in the query's dtype, the state after the L tokens).
+  """
+  phi_q, phi_k, v = _features(query, key, value, feature_map, None)
+  return _step(phi_q, phi_k, v, state, state.key_max, normalize=normalize,
+               chunk_size=chunk_size, eps=eps, dtype=query.dtype)
+
+
+def _step(phi_q: Array, phi_k: Array, v: Array, state: RecurrentState, key_max: Array, *,
+          normalize: bool, chunk_size: int, eps: float, dtype: Any) -> tuple[Array, RecurrentState]:
+  """Shared by the linear and FAVOR+ steps: phi_k already stabilized by the new key_max."""
+  batch, steps, heads, groups, _ = phi_q.shape
+  num, den = _chunked(phi_q, phi_k, v, chunk_size, causal=True, initial=(state.kv, state.z))
+  out = num / (den[..., None] + eps) if normalize else num
+  new_state = RecurrentState(state.kv + jnp.einsum("bskf,bskh->bkfh", phi_k, v),
+                             state.z + jnp.sum(phi_k, axis=1), key_max, state.length + steps)
+  return out.reshape(batch, steps, heads * groups, v.shape[-1]).astype(dtype), new_state
+
+
+def _features(query: Array, key: Array, value: Array, feature_map: FeatureMap,
+              key_feature_map: FeatureMap | None) -> tuple[Array, Array, Array]:
+  """phi(q) `[B, T, K, G, F]`, phi(k) `[B, S, K, F]` and v, in float32."""
+  batch, q_len, num_heads, _ = query.shape
+  num_kv_heads = key.shape[2]
+  if num_heads % num_kv_heads:
+    raise ValueError(f"query heads ({num_heads}) must be a multiple of key/value heads "
+                     f"({num_kv_heads}).")
+  phi_q = feature_map(query.astype(_F32))
+  phi_q = phi_q.reshape(batch, q_len, num_kv_heads, num_heads // num_kv_heads, phi_q.shape[-1])
+  phi_k = (key_feature_map or feature_map)(key.astype(_F32))
+  return phi_q, phi_k, value.astype(_F32)
+
+
+def _check_segments(segment_ids: Any, batch: int, q_len: int, kv_len: int) -> Array:
+  """int32 `[B, T]` self-attention segment ids, or a ValueError saying what fits."""
+  if isinstance(segment_ids, (tuple, list)) or q_len != kv_len or (
+      jnp.shape(segment_ids) != (batch, q_len)):
+    raise ValueError(
+        f"linear attention takes segment_ids `[B, T]` = {(batch, q_len)} for packed "
+        f"self-attention (T == S, got T = {q_len}, S = {kv_len}); for cross-attention between "
+        f"packed sequences use attention='softmax'.")
+  return jnp.asarray(segment_ids, jnp.int32)
+
+
+def _visible(q_len: int, kv_len: int, is_causal: bool, segments: Array | None) -> Array | None:
+  """`[B|1, T, S]` which key each query sees, or None for all (the T x S form of the mask)."""
+  visible = None
+  if is_causal:
+    visible = (jnp.arange(kv_len)[None, :] <= jnp.arange(q_len)[:, None])[None]
+  if segments is not None:
+    same = segments[:, :, None] == segments[:, None, :]
+    visible = same if visible is None else visible & same
+  return visible
+
+
+def _with_weights(phi_q: Array, phi_k: Array, v: Array, *, is_causal: bool,
+                  segments: Array | None, normalize: bool, eps: float,
+                  dtype: Any) -> tuple[Array, Array]:
+  """The output and the implicit `[B, N, T, S]` attention matrix, formed explicitly."""
+  batch, q_len, heads, groups, _ = phi_q.shape
+  scores = jnp.einsum("btkgf,bskf->bkgts", phi_q, phi_k)
+  visible = _visible(q_len, phi_k.shape[1], is_causal, segments)
+  if visible is not None:
+    scores = jnp.where(visible[:, None, None], scores, 0.0)
+  if normalize:
+    scores = scores / (jnp.sum(scores, axis=-1, keepdims=True) + eps)
+  out = jnp.einsum("bkgts,bskh->btkgh", scores, v)
+  weights = scores.reshape(batch, heads * groups, q_len, phi_k.shape[1])
+  return out.reshape(batch, q_len, heads * groups, v.shape[-1]).astype(dtype), weights
+
+
+def _chunked(phi_q: Array, phi_k: Array, v: Array, chunk_size: int, *, causal: bool,
+             segments: Array | None = None,
+             initial: tuple[Array, Array] | None = None) -> tuple[Array, Array]:
+  """Numerator `[B, T, K, G, Hv]` and normalizer `[B, T, K, G]`, chunk by chunk.
+
+  Inside a chunk an explicit C x C product (lower-triangular if causal, same-segment if
+  packed); across chunks the summaries of earlier chunks (a prefix sum over chunks). With
+  segments the carried summary is that of the segment crossing into each chunk only, so it
+  restarts at every segment start; non-causal adds the same from the later chunks. `initial`
+  (the recurrent state's S, z) is seen by every query.
+  """
   batch, q_len, heads, groups, features = phi_q.shape
   # Top-left alignment: query t sees keys 0..t, so keys past T are never seen and queries
   # past S see every key; zero-padded keys (phi = 0) stand in for the missing ones.
@@ -103,6 +248,8 @@ def _causal(phi_q: Array, phi_k: Array, v: Array, chunk_size: int) -> tuple[Arra
     phi_q = jnp.pad(phi_q, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
     phi_k = jnp.pad(phi_k, ((0, 0), (0, pad), (0, 0), (0, 0)))
     v = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    if segments is not None:
+      segments = jnp.pad(segments, ((0, 0), (0, pad)))
   n = padded // c
   value_dim = v.shape[-1]
   # Heads-major, with the G query heads of a key/value head stacked inside each chunk: every
@@ -112,17 +259,33 @@ def _causal(phi_q: Array, phi_k: Array, v: Array, chunk_size: int) -> tuple[Arra
          .reshape(batch, heads, n, groups * c, features))  # [B, K, n, G*C, F]
   k_c = phi_k.reshape(batch, n, c, heads, features).transpose(0, 3, 1, 2, 4)  # [B, K, n, C, F]
   v_c = v.reshape(batch, n, c, heads, value_dim).transpose(0, 3, 1, 2, 4)  # [B, K, n, C, Hv]
-  # Inside a chunk: an explicit lower-triangular C x C product (one copy per query head).
-  tril = jnp.tile(jnp.tril(jnp.ones((c, c), bool)), (groups, 1))  # [G*C, C]
-  scores = jnp.where(tril, jnp.einsum("bkncf,bknsf->bkncs", q_c, k_c), 0.0)
-  # Across chunks: the summaries of all earlier chunks (an exclusive prefix sum over n).
-  kv = jnp.einsum("bknsf,bknsh->bknfh", k_c, v_c).transpose(0, 2, 1, 3, 4)  # [B, n, K, F, Hv]
-  kv_before = _exclusive_prefix_sum(kv).transpose(0, 2, 1, 3, 4)
-  z_before = _exclusive_prefix_sum(jnp.sum(k_c, axis=3).transpose(0, 2, 1, 3))
-  num = (jnp.einsum("bkncs,bknsh->bknch", scores, v_c)
-         + jnp.einsum("bkncf,bknfh->bknch", q_c, kv_before))
-  den = (jnp.sum(scores, axis=-1)
-         + jnp.einsum("bkncf,bknf->bknc", q_c, z_before.transpose(0, 2, 1, 3)))
+  # Inside a chunk: an explicit C x C product (one copy per query head).
+  visible = _visible(c, c, causal, None if segments is None else segments.reshape(-1, c))
+  scores = jnp.einsum("bkncf,bknsf->bkncs", q_c, k_c)
+  if visible is not None:
+    visible = visible.reshape(-1, n if segments is not None else 1, c, c)
+    visible = jnp.tile(visible, (1, 1, groups, 1))  # [B|1, n|1, G*C, C]
+    scores = jnp.where(visible[:, None], scores, 0.0)
+  num = jnp.einsum("bkncs,bknsh->bknch", scores, v_c)
+  den = jnp.sum(scores, axis=-1)
+  if segments is None and causal:
+    # Across chunks: the summaries of all earlier chunks (an exclusive prefix sum over n).
+    kv = jnp.einsum("bknsf,bknsh->bknfh", k_c, v_c).transpose(0, 2, 1, 3, 4)  # [B, n, K, F, Hv]
+    kv_before = _exclusive_prefix_sum(kv).transpose(0, 2, 1, 3, 4)
+    z_before = _exclusive_prefix_sum(jnp.sum(k_c, axis=3).transpose(0, 2, 1, 3))
+    num = num + jnp.einsum("bkncf,bknfh->bknch", q_c, kv_before)
+    den = den + jnp.einsum("bkncf,bknf->bknc", q_c, z_before.transpose(0, 2, 1, 3))
+  elif segments is not None:
+    seg_c = segments.reshape(batch, n, c)
+    for reverse in (False,) if causal else (False, True):
+      kv_carried, z_carried, sees = _segment_carry(k_c, v_c, seg_c, reverse=reverse)
+      sees = jnp.tile(sees, (1, 1, groups))[:, None]  # [B, 1, n, G*C]
+      num = num + jnp.where(sees[..., None],
+                            jnp.einsum("bkncf,bknfh->bknch", q_c, kv_carried), 0.0)
+      den = den + jnp.where(sees, jnp.einsum("bkncf,bknf->bknc", q_c, z_carried), 0.0)
+  if initial is not None:
+    num = num + jnp.einsum("bkncf,bkfh->bknch", q_c, initial[0])
+    den = den + jnp.einsum("bkncf,bkf->bknc", q_c, initial[1])
   num = (num.reshape(batch, heads, n, groups, c, value_dim).transpose(0, 2, 4, 1, 3, 5)
          .reshape(batch, padded, heads, groups, value_dim))
   den = (den.reshape(batch, heads, n, groups, c).transpose(0, 2, 4, 1, 3)
@@ -130,21 +293,73 @@ def _causal(phi_q: Array, phi_k: Array, v: Array, chunk_size: int) -> tuple[Arra
   return num[:, :q_len], den[:, :q_len]
 
 
-def _exclusive_prefix_sum(x: Array) -> Array:
-  """out[:, i] = sum of x[:, j] for j < i, along axis 1.
+def _segment_carry(k_c: Array, v_c: Array, seg_c: Array, *,
+                   reverse: bool) -> tuple[Array, Array, Array]:
+  """What the chunks carry across their boundaries when the sequences are packed.
+
+  Segments are contiguous, so only the segment of a chunk's first position can have keys in
+  earlier chunks: chunk j receives the running sums of the segment open at the end of chunk
+  j - 1, and only its queries of that segment use them. The running sums pass through chunk j
+  whole only if chunk j lies entirely in that segment, else they restart from chunk j's keys
+  of its last segment: state_{j+1} = [chunk j continues it] state_j + (chunk j's keys in its
+  last segment). `reverse` does the same from the later chunks (the non-causal half).
+
+  Returns:
+    S `[B, K, n, F, Hv]` and z `[B, K, n, F]` carried into each chunk, and which queries
+    `[B, n, C]` of each chunk see them.
+  """
+  if reverse:
+    k_c, v_c, seg_c = k_c[:, :, ::-1, ::-1], v_c[:, :, ::-1, ::-1], seg_c[:, ::-1, ::-1]
+  last = seg_c[:, :, -1]  # [B, n]
+  # -1 is no segment id (ids are >= 0): the first chunk receives nothing.
+  before = jnp.concatenate([jnp.full_like(last[:, :1], -1), last[:, :-1]], axis=1)
+  sees = seg_c == before[:, :, None]  # [B, n, C]
+  passes = jnp.all(sees, axis=-1)  # [B, n]
+  k_last = jnp.where((seg_c == last[:, :, None])[:, None, :, :, None], k_c, 0.0)
+  kv = jnp.einsum("bknsf,bknsh->bnkfh", k_last, v_c)
+  z = jnp.sum(k_last, axis=3).transpose(0, 2, 1, 3)  # [B, n, K, F]
+  kv, z = _exclusive_prefix_sum((kv, z), gate=passes)
+  kv, z = kv.transpose(0, 2, 1, 3, 4), z.transpose(0, 2, 1, 3)
+  if reverse:
+    kv, z, sees = kv[:, :, ::-1], z[:, :, ::-1], sees[:, ::-1, ::-1]
+  return kv, z, sees
+
+
+def _exclusive_prefix_sum(x: Any, gate: Array | None = None) -> Any:
+  """out[:, i] = sum of x[:, j] for j < i, along axis 1 (of every array in the pytree `x`).
+
+  With a boolean `gate` `[B, n]`: out[:, i + 1] = gate[:, i] * out[:, i] + x[:, i], i.e. the
+  sum restarts after every position whose gate is False.
 
   On CPU a sequential scan: XLA:CPU's `jnp.cumsum` costs time quadratic in the number of chunks
   (at T = 4096, n = 64 chunks, it took more time than all the attention matmuls and made the
-  causal form grow 6-7x from T = 1024 to 4096). Accelerators keep their parallel cumsum.
+  causal form grow 6-7x from T = 1024 to 4096). Accelerators keep a parallel scan.
   """
+  leaves, tree = jax.tree.flatten(x)
   if jax.default_backend() != "cpu":
-    return jnp.cumsum(x, axis=1) - x
+    if gate is None:
+      return jax.tree.unflatten(tree, [jnp.cumsum(a, axis=1) - a for a in leaves])
+    gates = [gate.reshape(gate.shape + (1,) * (a.ndim - 2)).astype(a.dtype) for a in leaves]
 
-  def step(total: Array, x_i: Array) -> tuple[Array, Array]:
-    return total + x_i, total
+    def combine(earlier, later):  # (g1, s1) then (g2, s2): s = g2 s1 + s2, g = g1 g2
+      (g1, s1), (g2, s2) = earlier, later
+      return [a * b for a, b in zip(g1, g2, strict=True)], [
+          b * s + t for b, s, t in zip(g2, s1, s2, strict=True)]
 
-  _, before = jax.lax.scan(step, jnp.zeros_like(x[:, 0]), jnp.moveaxis(x, 1, 0))
-  return jnp.moveaxis(before, 0, 1)
+    _, inclusive = jax.lax.associative_scan(combine, (gates, leaves), axis=1)
+    return jax.tree.unflatten(tree, [
+        jnp.concatenate([jnp.zeros_like(a[:, :1]), a[:, :-1]], axis=1) for a in inclusive])
+
+  def step(totals, inputs):  # totals: the sum before position i; its gate decides what passes
+    xs, g = inputs
+    kept = totals if g is None else [
+        t * g.reshape(g.shape + (1,) * (t.ndim - 1)).astype(t.dtype) for t in totals]
+    return [t + x_i for t, x_i in zip(kept, xs, strict=True)], totals
+
+  moved = [jnp.moveaxis(a, 1, 0) for a in leaves]
+  g_moved = None if gate is None else jnp.moveaxis(gate, 1, 0)
+  _, before = jax.lax.scan(step, [jnp.zeros_like(a[0]) for a in moved], (moved, g_moved))
+  return jax.tree.unflatten(tree, [jnp.moveaxis(a, 0, 1) for a in before])
 
 
 def orthogonal_random_features(rng: Array, num_features: int, head_dim: int) -> Array:
@@ -175,7 +390,7 @@ def orthogonal_random_features(rng: Array, num_features: int, head_dim: int) -> 
 
 
 def favor_features(x: Array, projection: Array, *, is_query: bool, scale: float | None = None,
-                   eps: float = 1e-6) -> Array:
+                   eps: float = 1e-6, key_max: Array | None = None) -> Array:
   """Positive random features with E[phi(q) . phi(k)] = exp(q . k * scale).
 
   phi(x) = exp(w_m . x' - |x'|^2 / 2) / sqrt(M) with x' = x * sqrt(scale). A constant is
@@ -190,18 +405,35 @@ def favor_features(x: Array, projection: Array, *, is_query: bool, scale: float 
     is_query: queries or keys (they are stabilized differently, see above).
     scale: the softmax logit scale being approximated; default 1 / sqrt(H).
     eps: added to every feature, so no normalizer is exactly zero.
+    key_max: `[B, 1|T, N, 1]` the key constant(s) to use (one per packed sequence, or the
+      running one of recurrent decoding, see `performer_attention_step`); None = the max
+      over these keys.
 
   Returns:
     float32 `[B, T, N, M]`.
   """
-  head_dim, num_features = x.shape[-1], projection.shape[0]
-  scale = head_dim**-0.5 if scale is None else scale
+  logits = _favor_logits(x, projection, scale)
+  if is_query:
+    stabilizer = jnp.max(logits, axis=-1, keepdims=True)
+  else:
+    stabilizer = jnp.max(logits, axis=(1, 3), keepdims=True) if key_max is None else key_max
+  stabilizer = jax.lax.stop_gradient(stabilizer)
+  return (jnp.exp(logits - stabilizer) + eps) * np.float32(projection.shape[0]**-0.5)
+
+
+def _favor_logits(x: Array, projection: Array, scale: float | None) -> Array:
+  """w_m . x' - |x'|^2 / 2, float32 `[B, T, N, M]`: the log of FAVOR+'s features."""
+  scale = x.shape[-1]**-0.5 if scale is None else scale
   x = x.astype(_F32) * np.float32(np.sqrt(scale))
   wx = jnp.einsum("btnh,mh->btnm", x, projection.astype(_F32))
-  sq = 0.5 * jnp.sum(x * x, axis=-1, keepdims=True)
-  axes = -1 if is_query else (1, 3)
-  stabilizer = jax.lax.stop_gradient(jnp.max(wx - sq, axis=axes, keepdims=True))
-  return (jnp.exp(wx - sq - stabilizer) + eps) * np.float32(num_features**-0.5)
+  return wx - 0.5 * jnp.sum(x * x, axis=-1, keepdims=True)
+
+
+# The FAVOR+ features are positive, so only a row without keys has a zero normalizer: the
+# tiniest eps turns its 0 / 0 into 0 without biasing any other row. The keys' features get no
+# eps of their own: one added after the key constant is relative to it, so it would make the
+# output depend on which keys share the constant (a packed row, the keys decoded so far).
+_FAVOR_EPS = float(np.finfo(np.float32).tiny)
 
 
 def performer_attention(
@@ -213,8 +445,10 @@ def performer_attention(
     scale: float | None = None,
     is_causal: bool = False,
     key_value_seq_lengths: Array | None = None,
+    segment_ids: Array | None = None,
     chunk_size: int = 64,
-) -> Array:
+    return_weights: bool = False,
+) -> Array | tuple[Array, Array]:
   """FAVOR+ attention: linear attention whose features estimate the softmax kernel.
 
   Args:
@@ -226,16 +460,82 @@ def performer_attention(
     scale: the softmax logit scale being approximated; default 1 / sqrt(H).
     is_causal: causal (chunk-wise prefix sums, see `linear_attention`).
     key_value_seq_lengths: int `[B]`; keys past the length contribute nothing.
-    chunk_size: chunk length of the causal computation.
+    segment_ids: int `[B, T]` packed sequences, 0 = padding (see `linear_attention`).
+    chunk_size: chunk length of the chunk-wise computation.
+    return_weights: also return the implicit `[B, N, T, S]` attention matrix.
 
   Returns:
-    `[B, T, N, Hv]` in the query's dtype.
+    `[B, T, N, Hv]` in the query's dtype; with `return_weights`, (output, weights).
   """
+  key_max = None
+  if segment_ids is not None and jnp.shape(segment_ids) == key.shape[:2]:
+    # One key constant per packed sequence, as if each ran alone (the per-feature eps is
+    # relative to it, so a shared constant would couple the sequences at ~eps).
+    logits = jax.lax.stop_gradient(_favor_logits(key, projection, scale))
+    key_max = _segment_max(jnp.max(logits, axis=-1), jnp.asarray(segment_ids))[..., None]
   return linear_attention(
       query, key, value,
       feature_map=lambda q: favor_features(q, projection, is_query=True, scale=scale),
-      key_feature_map=lambda k: favor_features(k, projection, is_query=False, scale=scale),
-      is_causal=is_causal, key_value_seq_lengths=key_value_seq_lengths, chunk_size=chunk_size,
-      # The features are positive, so only a row without keys has a zero normalizer: the
-      # tiniest eps turns its 0 / 0 into 0 without biasing any other row.
-      eps=float(np.finfo(np.float32).tiny))
+      key_feature_map=lambda k: favor_features(k, projection, is_query=False, scale=scale,
+                                               eps=0.0, key_max=key_max),
+      is_causal=is_causal, key_value_seq_lengths=key_value_seq_lengths,
+      segment_ids=segment_ids, chunk_size=chunk_size, eps=_FAVOR_EPS,
+      return_weights=return_weights)
+
+
+def _segment_max(x: Array, segments: Array) -> Array:
+  """`[B, T, K]`: the max of x `[B, T, K]` over each position's contiguous segment."""
+
+  def combine(earlier, later):  # a running max that restarts where a segment starts
+    (start1, max1), (start2, max2) = earlier, later
+    return start1 | start2, jnp.where(start2, max2, jnp.maximum(max1, max2))
+
+  def running(x, segments):
+    starts = jnp.concatenate([jnp.ones_like(segments[:, :1], bool),
+                              segments[:, 1:] != segments[:, :-1]], axis=1)
+    return jax.lax.associative_scan(combine, (starts[..., None], x), axis=1)[1]
+
+  backward = running(x[:, ::-1], segments[:, ::-1])[:, ::-1]
+  return jnp.maximum(running(x, segments), backward)
+
+
+def performer_attention_step(
+    query: Array,
+    key: Array,
+    value: Array,
+    projection: Array,
+    state: RecurrentState,
+    *,
+    scale: float | None = None,
+    chunk_size: int = 64,
+) -> tuple[Array, RecurrentState]:
+  """Causal FAVOR+ of L new tokens after the `state`'s tokens (see `linear_attention_step`).
+
+  The key constant of `favor_features` must be one for all keys of a sequence, but decoding
+  meets the keys one by one: the state keeps the running max (`key_max`) and, when a new key
+  raises it, rescales S and z by exp(old - new) (the online-softmax trick), so the features
+  never overflow and the normalized output is the one of `performer_attention`.
+
+  Args:
+    query: `[B, L, N, H]`.
+    key: `[B, L, K, H]`.
+    value: `[B, L, K, Hv]`.
+    projection: `[M, H]`.
+    state: `init_state(B, K, M, Hv)` or a previous step's.
+    scale: as in `performer_attention`.
+    chunk_size: for L > 1.
+
+  Returns:
+    (`[B, L, N, Hv]` in the query's dtype, the state after the L tokens).
+  """
+  logits = jax.lax.stop_gradient(_favor_logits(key, projection, scale))
+  step_max = jnp.max(logits, axis=(1, 3))  # [B, K]
+  key_max = jnp.where(state.length > 0, jnp.maximum(state.key_max, step_max), step_max)
+  rescale = jnp.exp(jnp.where(state.length > 0, state.key_max - key_max, 0.0))
+  state = state._replace(kv=state.kv * rescale[:, :, None, None], z=state.z * rescale[:, :, None])
+  phi_q, phi_k, v = _features(
+      query, key, value, lambda q: favor_features(q, projection, is_query=True, scale=scale),
+      lambda k: favor_features(k, projection, is_query=False, scale=scale, eps=0.0,
+                               key_max=key_max[:, None, :, None]))
+  return _step(phi_q, phi_k, v, state, key_max, normalize=True, chunk_size=chunk_size,
+               eps=_FAVOR_EPS, dtype=query.dtype)

@@ -87,7 +87,7 @@ def test_unknown_name_lists_the_valid_ones():
 
 @pytest.mark.parametrize("name, kwargs, match", [
     ("linear", {"mask": jnp.ones((1, 1, T, T), bool)}, r"'linear' does not support mask"),
-    ("performer", {"segment_ids": jnp.ones((B, T), jnp.int32)}, r"does not support segment_ids"),
+    ("performer", {"bias": jnp.zeros((1, 1, T, T))}, r"'performer' does not support bias"),
     ("linformer", {"is_causal": True}, r"'linformer' does not support is_causal"),
 ])
 def test_keywords_a_mechanism_cannot_honor_are_errors(name, kwargs, match):
@@ -107,3 +107,16 @@ def test_keywords_a_mechanism_cannot_honor_are_errors(name, kwargs, match):
 def test_bad_configuration_raises_value_error(layer, match):
   with pytest.raises(ValueError, match=match):
     layer.init(jax.random.key(0), _x())
+
+
+@pytest.mark.parametrize("name", ["linear", "performer"])
+def test_linear_mechanisms_on_packed_rows_equal_each_sequence_alone(name):
+  """Two sequences and padding in one row give what each sequence gives alone."""
+  layer = MultiHeadAttention(num_heads=4, num_kv_heads=2, attention=name,
+                             attention_options=OPTIONS[name])
+  x = _x(3)[:1]
+  params = layer.init(jax.random.key(0), x, is_causal=True)
+  segments = jnp.asarray([[1] * 7 + [2] * 3 + [0] * 2])
+  packed = layer.apply(params, x, is_causal=True, segment_ids=segments)
+  alone = [layer.apply(params, x[:, s], is_causal=True) for s in (slice(0, 7), slice(7, 10))]
+  np.testing.assert_allclose(packed[:, :10], jnp.concatenate(alone, axis=1), atol=2e-5)

@@ -142,3 +142,155 @@ def test_fully_masked_rows_are_zero_and_finite():
     out = jax.jit(fn)(k)
     assert np.all(np.asarray(out[1]) == 0.0) and np.any(np.asarray(out[0]) != 0.0)
     assert np.all(np.isfinite(np.asarray(grad)))
+
+
+# Packed rows of T = 19 cut in chunks of 4: a segment through three whole chunks and into a
+# partial last one, a segment starting exactly at a chunk start, several segments in one chunk,
+# padding (0) at the end, and one unpacked row.
+SEGMENTS = np.array([[1] * 3 + [2] * 14 + [0] * 2,
+                     [1] * 5 + [2] * 2 + [3] + [4] * 9 + [5] * 2,
+                     [7] * T])
+
+
+def _np_elu_plus_one(x):
+  """phi and dphi/dx of elu + 1, float64."""
+  return np.where(x > 0, x + 1.0, np.exp(np.minimum(x, 0.0))), np.where(x > 0, 1.0, np.exp(x))
+
+
+def _np_favor(x, w, scale):
+  """phi [..., M] of FAVOR+ (no stabilizer: it cancels) and the chain rule back to x, float64."""
+  xs = x * np.sqrt(scale)
+  phi = np.exp(xs @ w.T - 0.5 * np.sum(xs * xs, -1, keepdims=True)) / np.sqrt(w.shape[0])
+  return phi, lambda dphi: np.sqrt(scale) * (np.einsum("...m,...m,mh->...h", dphi, phi, w)
+                                             - np.sum(dphi * phi, -1, keepdims=True) * xs)
+
+
+def _per_segment(op, q, k, v, segments, causal, dout, projection=None):
+  """Each packed sequence run alone through the float64 oracle; outputs and input gradients
+  put back at their positions (padding: zeros)."""
+  q, k, v, dout = (np.asarray(x, np.float64) for x in (q, k, v, dout))
+  out, grads = np.zeros_like(dout), [np.zeros_like(x) for x in (q, k, v)]
+  for b, s in [(row, s) for row in range(len(segments)) for s in set(segments[row]) - {0}]:
+    at = np.flatnonzero(segments[b] == s)
+    qs, ks, vs = (x[b:b + 1, at] for x in (q, k, v))
+    if op == "linear":
+      (phi_q, dphi_q), (phi_k, dphi_k) = _np_elu_plus_one(qs), _np_elu_plus_one(ks)
+      back_q, back_k = (lambda g, d=dphi_q: g * d), (lambda g, d=dphi_k: g * d)
+    else:
+      w = np.asarray(projection, np.float64)
+      (phi_q, back_q), (phi_k, back_k) = _np_favor(qs, w, H**-0.5), _np_favor(ks, w, H**-0.5)
+    i, j = np_reference.positions(len(at), len(at))
+    o, _, (dq, dk, dv) = np_reference.linear_attention(
+        phi_q, phi_k, vs, mask=(j <= i) if causal else None, dout=dout[b:b + 1, at])
+    out[b, at] = o[0]
+    for g, d in zip(grads, (back_q(dq), back_k(dk), dv), strict=True):
+      g[b, at] = d[0]
+  return out, grads
+
+
+@pytest.mark.parametrize("op", ["linear", "performer"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_packed_segments_equal_each_sequence_alone_forward_and_gradients(op, causal):
+  """Prefix sums restart at segment starts (also across chunk boundaries); padding adds
+  nothing and outputs zeros; GQA; T not a multiple of the chunk."""
+  rng = np.random.default_rng(7)
+  q, k, v = (jnp.asarray(rng.normal(size=(3, T, heads, H)) * 0.7, jnp.float32)
+             for heads in (N, 2, 2))
+  dout = rng.normal(size=(3, T, N, H))
+  projection = linear.orthogonal_random_features(jax.random.key(1), 32, H)
+
+  def fn(q, k, v):
+    if op == "linear":
+      return linear.linear_attention(q, k, v, is_causal=causal, chunk_size=4,
+                                     segment_ids=jnp.asarray(SEGMENTS))
+    return linear.performer_attention(q, k, v, projection, is_causal=causal, chunk_size=4,
+                                      segment_ids=jnp.asarray(SEGMENTS))
+
+  out, vjp = jax.vjp(jax.jit(fn), q, k, v)
+  grads = vjp(jnp.asarray(dout, jnp.float32))
+  expected, expected_grads = _per_segment(op, q, k, v, SEGMENTS, causal, dout, projection)
+  # FAVOR+'s exp features lose a few more float32 bits than elu + 1.
+  tol = 2e-5 if op == "linear" else 1e-4
+  np.testing.assert_allclose(out, expected, atol=tol, rtol=tol)
+  assert np.all(np.asarray(out)[0, -2:] == 0.0)
+  for ours, ref in zip(grads, expected_grads, strict=True):
+    np.testing.assert_allclose(ours, ref, atol=2.5 * tol, rtol=2.5 * tol)
+
+
+def test_packed_segments_reject_cross_attention_ids():
+  q, k, v = _qkv(2)
+  with pytest.raises(ValueError, match=r"segment_ids `\[B, T\]`.*attention='softmax'"):
+    linear.linear_attention(q, k, v, segment_ids=(jnp.ones((B, T)), jnp.ones((B, T))))
+
+
+def test_gated_exclusive_prefix_sum_restarts_after_closed_gates():
+  x = np.random.default_rng(6).normal(size=(2, 7, 3)).astype(np.float32)
+  gate = np.array([[1, 1, 0, 1, 1, 0, 1], [0, 0, 0, 0, 0, 0, 0]], bool)
+  expected, total = np.zeros_like(x), np.zeros_like(x[:, 0])
+  for i in range(7):
+    expected[:, i] = total
+    total = np.where(gate[:, i, None], total, 0.0) + x[:, i]
+  (out,) = linear._exclusive_prefix_sum((jnp.asarray(x),), gate=jnp.asarray(gate))
+  np.testing.assert_allclose(out, expected, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("op", ["linear", "performer"])
+def test_recurrent_steps_equal_the_causal_parallel_form(op):
+  """A 5-token prompt, then one token at a time: the O(1) state reproduces every output; FAVOR+
+  keys that grow raise the running key max, so its rescaling is exercised."""
+  q, k, v = _qkv(2, seed=8, gain=0.7)
+  k = k * jnp.linspace(0.3, 2.0, T)[None, :, None, None]  # later keys dominate the max
+  projection = linear.orthogonal_random_features(jax.random.key(2), 32, H)
+  if op == "linear":
+    full = linear.linear_attention(q, k, v, is_causal=True, chunk_size=4)
+    step = jax.jit(functools.partial(linear.linear_attention_step, chunk_size=4))
+    features = H
+  else:
+    full = linear.performer_attention(q, k, v, projection, is_causal=True, chunk_size=4)
+    step = jax.jit(lambda q, k, v, s: linear.performer_attention_step(q, k, v, projection, s))
+    features = 32
+  state = linear.init_state(B, 2, features, H)
+  outs = []
+  for start, stop in [(0, 5)] + [(t, t + 1) for t in range(5, T)]:
+    out, state = step(q[:, start:stop], k[:, start:stop], v[:, start:stop], state)
+    outs.append(out)
+  np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, atol=2e-5, rtol=2e-5)
+  assert int(state.length) == T
+  if op == "linear":  # the state is the plain sums S = sum phi(k) v^T, z = sum phi(k)
+    phi_k = np.asarray(linear.elu_plus_one(k), np.float64)
+    np.testing.assert_allclose(state.kv, np.einsum("bskf,bskh->bkfh", phi_k, v),
+                               atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(state.z, phi_k.sum(1), atol=1e-5, rtol=1e-5)
+  else:
+    assert np.all(np.asarray(state.key_max) > 0.0)  # it did move from its zero start
+
+
+@pytest.mark.parametrize("op", ["linear", "performer"])
+@pytest.mark.parametrize("causal, packed", [(False, False), (True, False), (True, True),
+                                            (False, True)])
+def test_returned_weights_are_the_implicit_attention_matrix(op, causal, packed):
+  """weights @ v == the output to float32 precision; rows sum to 1 (padding rows to 0), zero
+  outside the causal / segment pattern."""
+  q, k, v = (jnp.concatenate([x, x[:1]]) for x in _qkv(2, seed=9, gain=0.7))  # B = 3
+  projection = linear.orthogonal_random_features(jax.random.key(3), 32, H)
+  kwargs = dict(is_causal=causal, chunk_size=4,
+                segment_ids=jnp.asarray(SEGMENTS) if packed else None)
+  if op == "linear":
+    fn = functools.partial(linear.linear_attention, q, k, v, **kwargs)
+  else:
+    fn = functools.partial(linear.performer_attention, q, k, v, projection, **kwargs)
+  out, weights = fn(return_weights=True)
+  np.testing.assert_allclose(out, fn(), atol=2e-6, rtol=2e-5)
+  v_rep = np.repeat(np.asarray(v, np.float64), 2, axis=2)
+  np.testing.assert_allclose(np.einsum("bnts,bsnh->btnh", weights, v_rep), out,
+                             atol=2e-6, rtol=2e-5)
+  i, j = np_reference.positions(T, T)
+  allowed = np.broadcast_to((j <= i) if causal else True, (3, 1, T, T))
+  if packed:
+    allowed = allowed & (SEGMENTS[:, None, :, None] == SEGMENTS[:, None, None, :])
+    allowed = allowed & (SEGMENTS[:, None, None, :] != 0)
+  assert np.all(np.asarray(weights)[np.broadcast_to(~allowed, weights.shape)] == 0.0)
+  real = np.ones((3, T), bool) if not packed else SEGMENTS != 0
+  np.testing.assert_allclose(np.asarray(weights).sum(-1),
+                             np.broadcast_to(np.where(real, 1.0, 0.0)[:, None], (3, N, T)),
+                             atol=1e-5)
