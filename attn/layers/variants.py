@@ -141,8 +141,7 @@ def _linear_kwargs(name: str, kwargs: dict) -> dict:
 
 @registry.register(
     name="linear", paper="Katharopoulos et al. 2020",
-    summary="elu+1 feature map; causal form by chunk-wise prefix sums",
-    packed=False)  # Packed segments and recurrent decoding: in progress (issue #12).
+    summary="elu+1 feature map; causal form by chunk-wise prefix sums")
 class Linear(nn.Module):
   """Linear attention with the elu + 1 feature map (causal: chunk-wise prefix sums)."""
 
@@ -156,8 +155,7 @@ class Linear(nn.Module):
 
 @registry.register(
     name="performer", paper="Choromanski et al. 2021",
-    summary="FAVOR+: positive orthogonal random features, redrawable",
-    packed=False)  # Packed segments and recurrent decoding: in progress (issue #12).
+    summary="FAVOR+: positive orthogonal random features, redrawable")
 class Performer(nn.Module):
   """FAVOR+ with `num_features` positive orthogonal random features.
 
