@@ -17,6 +17,12 @@ the workdir. Each run's console output is in `<run>/log.txt`. The workdir may be
 (`--workdir gs://bucket/sweeps/x`): the children write there directly, and each log is kept in a
 local folder while its run goes and copied to the bucket when it ends.
 
+With `--parallel N` on GPUs the runs do not fight over one device: with several GPUs each run
+gets its own (CUDA_VISIBLE_DEVICES, round robin over the visible ones), and runs that share a
+GPU each preallocate only their share of its memory (XLA_PYTHON_CLIENT_MEM_FRACTION, 0.9 / runs
+per GPU, instead of JAX's 0.75 each). Values you set yourself are kept. A TPU chip cannot be
+shared between processes: on a TPU VM keep `--parallel 1`.
+
 Ctrl-C or SIGTERM (a preempted VM) forwards SIGTERM to the running children, which save a
 checkpoint and exit; the next launch resumes them.
 """
@@ -31,12 +37,13 @@ import inspect
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -49,6 +56,9 @@ ERROR_FILE = "error.json"
 LOG_FILE = "log.txt"
 # Children log to files; a progress bar there is only carriage returns.
 QUIET = ("train.progress_bar=False",)
+MEM_FRACTION = "XLA_PYTHON_CLIENT_MEM_FRACTION"
+# What the runs on one GPU may preallocate together; the rest is CUDA contexts and headroom.
+SHARED_GPU_MEMORY = 0.9
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +142,32 @@ def child_argv(spec: str, run_dir: str, point: grid.Point, extra: Sequence[str] 
   return argv
 
 
+def visible_gpus(environ: Mapping[str, str] = os.environ) -> list[str]:
+  """The GPUs the children could use: CUDA_VISIBLE_DEVICES if set, else nvidia-smi's list (the
+  runner must not import JAX: it would take GPU memory itself); [] without NVIDIA GPUs."""
+  if "CUDA_VISIBLE_DEVICES" in environ:
+    return [d.strip() for d in environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()]
+  if shutil.which("nvidia-smi") is None:
+    return []
+  done = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
+                        capture_output=True, text=True)
+  return done.stdout.split() if done.returncode == 0 else []
+
+
+def child_env(slot: int, parallel: int, gpus: Sequence[str],
+              environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+  """The variables that give child `slot` (of `parallel` at a time) its part of the GPUs."""
+  if parallel <= 1 or not gpus:
+    return {}
+  out = {}
+  if len(gpus) > 1:
+    out["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
+  sharing = -(-parallel // len(gpus))  # Runs at a time on one GPU (ceil).
+  if sharing > 1 and MEM_FRACTION not in environ:
+    out[MEM_FRACTION] = f"{SHARED_GPU_MEMORY / sharing:.3f}"
+  return out
+
+
 def status(run_dir: str) -> str:
   """done (summary.json) | failed (error.json) | interrupted (a checkpoint) | pending."""
   if storage.exists(storage.join(run_dir, "summary.json")):
@@ -213,8 +249,9 @@ def execute(spec: str, workdir: str, runs: Sequence[Run], *, parallel: int = 1,
       todo.append(run)
   if outcome:
     echo(f"{len(outcome)} finished run(s) skipped; {len(todo)} to run.")
-  active: dict[str, tuple[subprocess.Popen, float, list[str], Any]] = {}
+  active: dict[str, tuple[subprocess.Popen, float, list[str], Any, int]] = {}
   env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+  gpus = visible_gpus() if parallel > 1 else []
   previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
   total, started = len(todo), 0
   try:
@@ -225,20 +262,23 @@ def execute(spec: str, workdir: str, runs: Sequence[Run], *, parallel: int = 1,
         storage.makedirs(run_dir)
         storage.remove(storage.join(run_dir, ERROR_FILE))  # A retry; the old error is in the log.
         argv = child_argv(spec, run_dir, run.point, extra)
+        slot = min(set(range(parallel)) - {a[4] for a in active.values()})
+        share = child_env(slot, parallel, gpus)
         log = open(log_path(run_dir), "a")  # noqa: SIM115 (closed when it ends)
         log.write(f"=== {datetime.datetime.now().isoformat(timespec='seconds')} "
-                  f"{json.dumps(argv)}\n")
+                  f"{json.dumps(share) + ' ' if share else ''}{json.dumps(argv)}\n")
         log.flush()
         # A new session: Ctrl-C reaches only this runner, which then stops the children with
         # SIGTERM (the trainer's graceful stop) instead of interrupting them mid-step.
-        proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(argv, cwd=REPO, env={**env, **share}, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
         started += 1
-        active[run.name] = (proc, time.monotonic(), argv, log)
-        echo(f"[{started}/{total}] start {run.name}")
+        active[run.name] = (proc, time.monotonic(), argv, log, slot)
+        where = " ".join(f"{k}={v}" for k, v in share.items())
+        echo(f"[{started}/{total}] start {run.name}" + (f" ({where})" if where else ""))
       time.sleep(0.2)
       for name in list(active):
-        proc, start, argv, log = active[name]
+        proc, start, argv, log, _ = active[name]
         elapsed = time.monotonic() - start
         if proc.poll() is None and timeout is not None and elapsed > timeout:
           proc.kill()
@@ -255,7 +295,7 @@ def execute(spec: str, workdir: str, runs: Sequence[Run], *, parallel: int = 1,
     echo(f"Stopping {len(active)} run(s) (SIGTERM); relaunch the same command to resume.")
     for proc, *_ in active.values():
       proc.send_signal(signal.SIGTERM)
-    for name, (proc, _, _, log) in active.items():
+    for name, (proc, _, _, log, _) in active.items():
       try:
         proc.wait(timeout=120)
       except subprocess.TimeoutExpired:

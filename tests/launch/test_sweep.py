@@ -151,3 +151,46 @@ def test_report_alone_needs_only_the_workdir(tmp_path, capsys):
   assert "| `norm=a` | 0/1 | - |" in capsys.readouterr().out
   assert (tmp_path / "results.csv").exists()
   assert grid.SEED_KEY == "seed"
+
+
+def test_parallel_children_share_the_gpus():
+  two = ["0", "1"]
+  assert [sweep.child_env(s, 2, two, {}) for s in range(2)] == [
+    {"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "1"}]  # One GPU each, all memory.
+  assert sweep.child_env(3, 4, two, {}) == {"CUDA_VISIBLE_DEVICES": "1",
+                                            "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.450"}
+  assert sweep.child_env(2, 3, ["7"], {}) == {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.300"}
+  mine = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.2"}
+  assert sweep.child_env(0, 3, ["7"], mine) == {}  # The user's setting is kept.
+  assert sweep.child_env(0, 1, ["0"], {}) == {}  # One run at a time: JAX's defaults.
+  assert sweep.child_env(1, 4, [], {}) == {}  # CPU or TPU: nothing to split.
+  assert sweep.visible_gpus({"CUDA_VISIBLE_DEVICES": "2, 3"}) == ["2", "3"]
+
+
+def test_each_child_process_gets_its_gpu(tmp_path, monkeypatch):
+  """execute() with fake processes: the environment each child is started with."""
+  started = []
+
+  class Proc:
+    returncode = 0
+
+    def __init__(self, argv, env, **kwargs):
+      started.append((argv[argv.index("--workdir") + 1], env))
+      self.polls = 0
+
+    def poll(self):  # Finishes at the second look.
+      self.polls += 1
+      return 0 if self.polls > 1 else None
+
+  monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+  monkeypatch.setattr(sweep.subprocess, "Popen", Proc)
+  runs = sweep.plan(FIXTURE)
+  lines = []
+  sweep.execute(FIXTURE, str(tmp_path), runs, parallel=2, echo=lines.append)
+  gpus = {os.path.basename(w): env["CUDA_VISIBLE_DEVICES"] for w, env in started}
+  assert gpus == {runs[0].name: "4", runs[1].name: "5", runs[2].name: "4"}
+  assert all("XLA_PYTHON_CLIENT_MEM_FRACTION" not in env for _, env in started)
+  assert lines[0] == f"[1/3] start {runs[0].name} (CUDA_VISIBLE_DEVICES=4)"
+  header = (tmp_path / runs[1].name / sweep.LOG_FILE).read_text().splitlines()[0]
+  assert '{"CUDA_VISIBLE_DEVICES": "5"} [' in header
