@@ -42,14 +42,14 @@ from launch import sweep
 ENV_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
 
-def main_argv(args: argparse.Namespace, python: str) -> list[str]:
+def main_argv(args: argparse.Namespace, python: str, quiet: Sequence[str] = ()) -> list[str]:
   """experiments.main with the experiment path relative to the repository (the job's cwd)."""
   path, arg = sweep.split_spec(args.config)
   full = os.path.abspath(path)
   if full.startswith(sweep.REPO + os.sep):
     path = os.path.relpath(full, sweep.REPO)
   return [python, "-m", "experiments.main", "--config", path + (f":{arg}" if arg else ""),
-          "--workdir", args.workdir, *(f"--config.{s}" for s in args.set)]
+          "--workdir", args.workdir, *quiet, *(f"--config.{s}" for s in args.set)]
 
 
 def sbatch_script(args: argparse.Namespace) -> str:
@@ -73,7 +73,9 @@ def sbatch_script(args: argparse.Namespace) -> str:
     lines.append(f"#SBATCH --partition={args.partition}")
   if args.account:
     lines.append(f"#SBATCH --account={args.account}")
-  srun = ["srun", "--kill-on-bad-exit=1", *main_argv(args, args.python)]
+  # The log is a file: one line per logged step instead of a progress bar's carriage returns.
+  quiet = [f"--config.{s}" for s in sweep.QUIET]
+  srun = ["srun", "--kill-on-bad-exit=1", *main_argv(args, args.python, quiet)]
   lines += ["# JAX detects the SLURM job (attn.train.distributed): every task runs the same",
             "# command, drives the GPU of its SLURM_LOCALID, and process 0 coordinates.",
             "set -euo pipefail",

@@ -48,8 +48,10 @@ class MetricWriter:
   """Writes scalars to metrics.jsonl and TensorBoard; a tqdm bar on the console."""
 
   def __init__(self, workdir: str, *, total_steps: int, initial_step: int = 0,
-               progress_bar: bool = True, enabled: bool = True):
+               progress_bar: bool = True, enabled: bool = True, config_text: str = ""):
     self.enabled = enabled
+    self.total_steps = total_steps
+    self._started = (time.monotonic(), initial_step)  # For the ETA of the plain log lines.
     self.path = storage.join(workdir, "metrics.jsonl")
     self.tb_dir = storage.join(workdir, "tensorboard")
     self._tb = None
@@ -64,7 +66,15 @@ class MetricWriter:
 
     if storage.is_url(self.tb_dir):
       self._tb_local = tempfile.mkdtemp(prefix="attn-tensorboard-")
-    self._tb = SummaryWriter(self._tb_local or self.tb_dir, flush_secs=30)
+    # A resumed run purges what the previous run logged after its checkpoint (TensorBoard
+    # drops earlier events with step >= purge_step), so no step is shown twice. Its own file
+    # name: tensorboardX names files by the second, and a second writer of the same name
+    # would overwrite the first run's file.
+    self._tb = SummaryWriter(self._tb_local or self.tb_dir, flush_secs=30,
+                             purge_step=initial_step + 1 if initial_step else None,
+                             filename_suffix=f".resumed_at_{initial_step}" if initial_step else "")
+    if config_text:  # Indented: TensorBoard renders text as Markdown, this as a code block.
+      self._tb.add_text("config", "    " + config_text.replace("\n", "\n    "), initial_step)
     self._synced = time.monotonic()
     if progress_bar:
       from tqdm import tqdm
@@ -93,9 +103,16 @@ class MetricWriter:
     self._synced = time.monotonic()
 
   def progress(self, step: int, postfix: dict[str, float]) -> None:
+    """The bar, or without one (sweeps, TPU VMs, SLURM logs) one line per logged step."""
     if self._bar is not None:
       self._bar.n = step
       self._bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=True)
+    elif self.enabled:
+      seconds, first = time.monotonic() - self._started[0], self._started[1]
+      eta = seconds / (step - first) * (self.total_steps - step) if step > first else None
+      self.message(f"step {step}/{self.total_steps}: "
+                   + ", ".join(f"{k} {v:.4g}" for k, v in postfix.items())
+                   + (f", eta {_duration(eta)}" if eta is not None else ""))
 
   def message(self, text: str) -> None:
     """A line on the console that does not break the bar."""
@@ -115,6 +132,13 @@ class MetricWriter:
       self._tb.close()
       if self._tb_local:
         shutil.rmtree(self._tb_local, ignore_errors=True)
+
+
+def _duration(seconds: float) -> str:
+  """3725 -> '1h02m', 95 -> '1m35s'."""
+  minutes, secs = divmod(round(seconds), 60)
+  hours, minutes = divmod(minutes, 60)
+  return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
 def _plain(value: Any) -> Any:

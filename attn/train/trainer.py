@@ -260,7 +260,8 @@ def _loop(config: Any, workdir: str, *, model: nn.Module, model_cfg: Any, task: 
   length = info.seq_len if info.task != "seq2seq" else info.seq_len + info.target_len
   tokens_per_step = t.batch_size * (length if info.task != "vision" else 1)
   writer = metrics_lib.MetricWriter(workdir, total_steps=t.num_steps, initial_step=step,
-                                    progress_bar=t.progress_bar, enabled=is_main)
+                                    progress_bar=t.progress_bar, enabled=is_main,
+                                    config_text=str(config))
   start = f"resuming at step {step}" if latest is not None else "new run"
   writer.message(f"{workdir}: {start}"
                  f"; {num_params:,} parameters; mesh {dict(mesh.shape)}; {jax.device_count()} "

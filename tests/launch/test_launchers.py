@@ -227,7 +227,7 @@ def test_sbatch_script_and_command(capsys):
     assert expected in script
   assert script[-1] == ("srun --kill-on-bad-exit=1 .venv/bin/python -m experiments.main "
                         "--config experiments/lm.py:size=base --workdir /shared/runs/lm "
-                        "--config.train.batch_size=512")
+                        "--config.train.progress_bar=False --config.train.batch_size=512")
 
 
 def test_local_processes_get_the_coordinator_variables(capsys):
