@@ -88,8 +88,9 @@ def ssh_command(args: argparse.Namespace, script: str, worker: str = "all") -> l
 
 
 def install_script() -> str:
-  """uv (pip --user, else its installer), Python 3.11, then .venv: the lock file's pins first when
-  the tree has requirements/tpu.txt, then the project itself. A .venv of an older Python (an
+  """uv (pip --user, else its installer), Python 3.11, then .venv: the lock file's exact pins and
+  the project without resolving again when the tree has requirements/tpu.txt (as `make` does),
+  else `.[tpu]` resolved by uv. A .venv of an older Python (an
   earlier setup with the image's 3.10) is replaced; a good one is updated in place, so that a run
   still alive on the worker keeps its environment."""
   py = ".venv/bin/python"
@@ -100,8 +101,8 @@ def install_script() -> str:
           f"{{ {py} -c 'import sys; assert sys.version_info >= ({PYTHON.replace('.', ', ')})' "
           f"2>/dev/null || uv venv -q --clear --python {PYTHON} .venv; }} && "
           f"if [ -f requirements/tpu.txt ]; then uv pip install -q --python {py} "
-          "-r requirements/tpu.txt; fi && "
-          f"uv pip install -q --python {py} -e '.[tpu]'")
+          f"-r requirements/tpu.txt && uv pip install -q --python {py} --no-deps -e .; "
+          f"else uv pip install -q --python {py} -e '.[tpu]'; fi")
 
 
 def checkout_script(repo: str, ref: str, path: str = REMOTE_DIR) -> str:

@@ -2,6 +2,7 @@
 
 import shlex
 import subprocess
+import sys
 
 from launch import gpu, sweep, tpu_vm
 
@@ -46,15 +47,16 @@ def test_setup_copy_and_git(capsys):
 
 def test_install_gets_python_311_before_the_venv():
   """TPU images have Python 3.10: uv installs 3.11, an older .venv is replaced, the lock file's
-  pins (when the tree has requirements/tpu.txt) go in before the project."""
+  pins (when the tree has requirements/tpu.txt) go in, then the project without re-resolving."""
   steps = tpu_vm.install_script().split(" && ")
   assert steps[0].endswith("cd ~/attn")
   assert steps[1] == "uv python install -q 3.11"
   assert steps[2] == ("{ .venv/bin/python -c 'import sys; assert sys.version_info >= (3, 11)' "
                       "2>/dev/null || uv venv -q --clear --python 3.11 .venv; }")
   assert steps[3] == ("if [ -f requirements/tpu.txt ]; then uv pip install -q --python "
-                      ".venv/bin/python -r requirements/tpu.txt; fi")
-  assert steps[4] == "uv pip install -q --python .venv/bin/python -e '.[tpu]'"
+                      ".venv/bin/python -r requirements/tpu.txt")
+  assert steps[4] == ("uv pip install -q --python .venv/bin/python --no-deps -e .; else uv pip "
+                      "install -q --python .venv/bin/python -e '.[tpu]'; fi")
   assert "python3 -m venv" not in tpu_vm.install_script()
 
 
@@ -250,3 +252,33 @@ def test_dry_runs_never_call_gcloud(monkeypatch, capsys):
   _dry(tpu_vm.main, ["up", *VM, "--queued", "--config", "experiments/lm.py", "--workdir", "w"],
        capsys)
   _dry(gpu.main, ["sbatch", "--config", "experiments/lm.py", "--workdir", "w"], capsys)
+
+
+def test_install_script_runs(tmp_path):
+  """The setup script under bash with a fake `uv` on PATH: a 3.10 .venv is replaced, a good one
+  kept; the lock file, when present, is what gets installed."""
+  home, attn, bin_ = tmp_path / "home", tmp_path / "home" / "attn", tmp_path / "bin"
+  for d in (attn / ".venv" / "bin", bin_):
+    d.mkdir(parents=True)
+  old = attn / ".venv" / "bin" / "python"
+  old.write_text("#!/bin/sh\nexit 1\n")  # What the image's Python 3.10 answers to the check.
+  old.chmod(0o755)
+  log = tmp_path / "uv.log"
+  (bin_ / "uv").write_text(
+    f'#!/bin/bash\necho "$*" >> {log}\n'
+    f'if [ "$1" = venv ]; then ln -sf {sys.executable} .venv/bin/python; fi\n')
+  (bin_ / "uv").chmod(0o755)
+
+  def setup():
+    log.write_text("")
+    subprocess.run(["bash", "-c", "set -e; " + tpu_vm.install_script()], check=True,
+                   env={"HOME": str(home), "PATH": f"{bin_}:/usr/bin:/bin"})
+    return log.read_text().splitlines()
+
+  py = "--python .venv/bin/python"
+  assert setup() == ["python install -q 3.11", "venv -q --clear --python 3.11 .venv",
+                     f"pip install -q {py} -e .[tpu]"]
+  (attn / "requirements").mkdir()
+  (attn / "requirements" / "tpu.txt").write_text("jax==0.10.0\n")
+  assert setup() == ["python install -q 3.11", f"pip install -q {py} -r requirements/tpu.txt",
+                     f"pip install -q {py} --no-deps -e ."]
