@@ -2,10 +2,11 @@
 
 Works for `LanguageModel` (continue a prompt) and `EncoderDecoder` (translate a source, the
 decoder starting from `bos_id`). Each entry point is jit-compiled once per input shape and
-static setting. Prompts in a batch share one length (no left padding); prompt + new tokens
-must fit in `model.config.max_len`, the size of the KV cache. The cache is what the
-mechanism's registry entry says (`decoding`): every key and value, a window's ring buffer, or a
-recurrent state; a mechanism that cannot decode is a ConfigError.
+static setting. Prompts in a batch share one length (no left padding); encoder-decoder sources
+may be padded with `pad_id` anywhere (masked, as in training). Prompt + new tokens must fit in
+`model.config.max_len`, the size of the KV cache. The cache is what the mechanism's registry
+entry says (`decoding`): every key and value, a window's ring buffer, or a recurrent state; a
+mechanism that cannot decode is a ConfigError.
 
 Shapes: B batch, P prompt length, S source length, V vocab, W beam width.
 """
@@ -24,15 +25,28 @@ from attn.models import EncoderDecoder
 Array = jax.Array
 
 
-def _decoder_setup(model: nn.Module, params: Any, tokens: Array, bos_id: int):
+def source_segments(tokens: Array, pad_id: int) -> tuple[Array, Array]:
+  """Segment ids and positions of one unpacked source per row: `pad_id` tokens are padding.
+
+  Segment id 1 marks a real token and 0 padding (the data pipeline's convention); positions
+  count the real tokens from 0, so a padded source encodes exactly like the unpadded one.
+  """
+  segment_ids = (tokens != pad_id).astype(jnp.int32)
+  positions = jnp.maximum(jnp.cumsum(segment_ids, axis=1) - 1, 0).astype(jnp.int32)
+  return segment_ids, positions
+
+
+def _decoder_setup(model: nn.Module, params: Any, tokens: Array, bos_id: int, pad_id: int):
   """The decode-mode model, a step function, the first decoder inputs and an empty cache."""
   config = model.config
   decoder = model.clone(decode=True)
   batch = tokens.shape[0]
   if isinstance(model, EncoderDecoder):
-    source_mask = jnp.ones_like(tokens, dtype=jnp.int32)  # one unpacked source per row
+    # The encoder and every cross-attention step see only the real source tokens, as in
+    # training (the pipeline marks padding with segment id 0).
+    source_mask, source_positions = source_segments(tokens, pad_id)
     encoded = model.apply({"params": params}, tokens, inputs_segment_ids=source_mask,
-                          method=EncoderDecoder.encode)
+                          inputs_positions=source_positions, method=EncoderDecoder.encode)
     prompt = jnp.full((batch, 1), bos_id, jnp.int32)
     shapes = jax.eval_shape(decoder.init, jax.random.key(0), tokens,
                             jnp.zeros((batch, config.max_len), jnp.int32))
@@ -101,14 +115,15 @@ def generate(model: nn.Module, params: Any, tokens: Array, *, max_new_tokens: in
   Args:
     model: a LanguageModel or EncoderDecoder (the training module; decode mode is derived).
     params: its parameters.
-    tokens: LM: the prompt `[B, P]`; encoder-decoder: the source `[B, S]`.
+    tokens: LM: the prompt `[B, P]`; encoder-decoder: the source `[B, S]`, one per row,
+      `pad_id` tokens being padding that neither the encoder nor cross-attention sees.
     max_new_tokens: tokens to generate.
     rng: PRNG key for sampling (None, or temperature 0, is greedy).
     temperature: softmax temperature.
     top_k: keep only the k most likely tokens.
     top_p: nucleus sampling mass.
     eos_id: stop a row after it emits this token.
-    pad_id: written after a row stopped.
+    pad_id: written after a row stopped; in an encoder-decoder source, the padding id.
     bos_id: the decoder's first input (encoder-decoder only).
 
   Returns:
@@ -128,7 +143,7 @@ def generate(model: nn.Module, params: Any, tokens: Array, *, max_new_tokens: in
                                              "top_p", "eos_id", "pad_id", "bos_id"))
 def _generate(model, params, tokens, rng, temperature, *, max_new_tokens, greedy, top_k, top_p,
               eos_id, pad_id, bos_id):
-  step, prompt, cache = _decoder_setup(model, params, tokens, bos_id)
+  step, prompt, cache = _decoder_setup(model, params, tokens, bos_id, pad_id)
   batch, prompt_len = prompt.shape
   positions = jnp.broadcast_to(jnp.arange(prompt_len), prompt.shape)
   logits, cache = step(cache, prompt, positions)
@@ -189,7 +204,8 @@ def _beam_search(model, params, tokens, *, beam_size, max_new_tokens, alpha, eos
                  bos_id):
   batch, width = tokens.shape[0], beam_size
   # Every row becomes W rows (batch-major), so the cache holds one entry per hypothesis.
-  step, prompt, cache = _decoder_setup(model, params, jnp.repeat(tokens, width, axis=0), bos_id)
+  step, prompt, cache = _decoder_setup(model, params, jnp.repeat(tokens, width, axis=0), bos_id,
+                                       pad_id)
   prompt_len = prompt.shape[1]
   logits, cache = step(cache, prompt, jnp.broadcast_to(jnp.arange(prompt_len), prompt.shape))
   batch_axis = 1 if model.config.scan_layers else 0  # scanned caches lead with the layer axis

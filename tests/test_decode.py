@@ -122,15 +122,70 @@ def test_beam_of_one_equals_greedy_and_wider_beams_score_at_least_as_well(kind):
   assert np.all(np.diff(np.asarray(wide_scores), axis=1) <= 1e-6)  # best first
   # The scores are the sequences' log-probabilities under the model.
   for row in range(2):
-    seq = wide[row, 0]
-    if kind == "encoder_decoder":
-      decoder_in = jnp.concatenate([jnp.ones((1,), jnp.int32), seq[:-1]])[None]
-      logits = model.apply({"params": params}, tokens[row:row + 1], decoder_in)[0]
-    else:
-      full = jnp.concatenate([tokens[row], seq])[None]
-      logits = model.apply({"params": params}, full)[0, 5:-1]
-    logp = jnp.take_along_axis(jax.nn.log_softmax(logits), seq[:, None], axis=-1).sum()
-    np.testing.assert_allclose(wide_scores[row, 0], logp, rtol=1e-4)
+    np.testing.assert_allclose(wide_scores[row, 0],
+                               _teacher_forced_logp(model, params, tokens[row], wide[row, 0]),
+                               rtol=1e-4)
+
+
+def _teacher_forced_logp(model, params, source, seq):
+  """log p(seq | source) from the model's full forward (no cache): the reference for scores."""
+  if isinstance(model, EncoderDecoder):
+    decoder_in = jnp.concatenate([jnp.ones((1,), jnp.int32), seq[:-1]])[None]
+    logits = model.apply({"params": params}, source[None], decoder_in)[0]
+  else:
+    full = jnp.concatenate([source, seq])[None]
+    logits = model.apply({"params": params}, full)[0, len(source) - 1:-1]
+  return jnp.take_along_axis(jax.nn.log_softmax(logits), seq[:, None], axis=-1).sum()
+
+
+def test_padded_sources_decode_like_unpadded_ones():
+  """Source padding (id 0) is masked in the encoder and in every cross-attention step: greedy
+  tokens and beam scores are those of the teacher-forced forward on each source alone,
+  unpadded. Attending to the padding (the old all-ones mask) changes the log-probabilities
+  (against the old decoding this test fails: 3 of row 0's 6 greedy tokens differ)."""
+  model, params, _ = _model("encoder_decoder", num_layers=1)
+  rng = np.random.default_rng(2)
+  sources = [jnp.asarray(rng.integers(3, 30, size=n), jnp.int32) for n in (4, 7)]
+  pad = lambda n: jnp.zeros((n,), jnp.int32)
+  # Row 0 right-padded (the pipeline's layout), row 1 padded on both sides.
+  padded = jnp.stack([jnp.concatenate([sources[0], pad(6)]),
+                      jnp.concatenate([pad(2), sources[1], pad(1)])])
+  steps, width = 6, 3
+  greedy = np.asarray(decode.generate(model, params, padded, max_new_tokens=steps))
+  seqs, scores = decode.beam_search(model, params, padded, beam_size=width,
+                                    max_new_tokens=steps, alpha=0)
+  forward = jax.jit(lambda source, targets: jax.nn.log_softmax(model.apply(
+      {"params": params}, jnp.broadcast_to(source, (len(targets), len(source))),
+      jnp.concatenate([jnp.ones((len(targets), 1), jnp.int32), targets[:, :-1]], axis=1))))
+  for row, source in enumerate(sources):
+    # Teacher-forced on the unpadded source, the greedy tokens are the argmax at every step...
+    logp = forward(source, jnp.concatenate([greedy[row:row + 1], seqs[row]]))
+    np.testing.assert_array_equal(np.argmax(logp[0], axis=-1), greedy[row])
+    # ...and the beam scores are the sequences' log-probabilities, to float32 rounding.
+    reference = jnp.take_along_axis(logp[1:], seqs[row][:, :, None], axis=-1).sum((1, 2))
+    np.testing.assert_allclose(scores[row], reference, rtol=1e-5, atol=1e-5)
+    # The old decoding encoded the padded row whole: its log-probabilities are far off.
+    attended = forward(padded[row], jnp.concatenate([greedy[row:row + 1], seqs[row]]))
+    assert np.max(np.abs(np.asarray(attended - logp))) > 0.1
+
+
+@pytest.mark.parametrize("kind", ["lm", "encoder_decoder"])
+def test_decode_mode_without_positions_is_an_error(kind):
+  model, params, tokens = _model(kind)
+  decoder = model.clone(decode=True)
+  cache = decoder.init(jax.random.key(0), *((tokens,) if kind == "encoder_decoder" else ()),
+                       jnp.zeros((2, 20), jnp.int32))["cache"]
+  if kind == "encoder_decoder":
+    encoded = model.apply({"params": params}, tokens, method=EncoderDecoder.encode)
+    call = lambda: decoder.apply({"params": params, "cache": cache}, encoded, tokens[:, :1],
+                                 method=EncoderDecoder.decode_logits, mutable=["cache"])
+    name = "targets_positions"
+  else:
+    call = lambda: decoder.apply({"params": params, "cache": cache}, tokens[:, :1],
+                                 mutable=["cache"])
+    name = "positions"
+  with pytest.raises(ValueError, match=rf"decode=True\) was called without `{name}`"):
+    call()
 
 
 def test_too_long_a_request_is_refused_before_compiling():

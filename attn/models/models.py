@@ -47,6 +47,15 @@ def _logits(config: ModelConfig, embed: TokenEmbedding, x: Array) -> Array:
   return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
 
 
+def _check_decode_positions(module: nn.Module, positions: Array | None, name: str) -> None:
+  """Under a KV cache the new tokens' positions cannot be inferred from their count: refuse."""
+  if module.decode and positions is None and not module.is_initializing():
+    raise ValueError(
+        f"{type(module).__name__}(decode=True) was called without `{name}`: pass the positions "
+        f"of the new tokens (their KV-cache slots, e.g. [[t]] for the t-th token); otherwise "
+        f"every step would be position 0.")
+
+
 class LanguageModel(nn.Module):
   """Decoder-only, causal (GPT): next-token logits `[B, T, V]`."""
 
@@ -56,6 +65,7 @@ class LanguageModel(nn.Module):
   @nn.compact
   def __call__(self, inputs: Array, *, segment_ids: Array | None = None,
                positions: Array | None = None, deterministic: bool = True) -> Array:
+    _check_decode_positions(self, positions, "positions")
     config = self.config
     embed = TokenEmbedding(config, name="embed")
     x = TransformerStack(config, config.num_layers, causal=True, decode=self.decode,
@@ -108,6 +118,7 @@ class EncoderDecoder(nn.Module):
                     targets_segment_ids: Array | None = None,
                     targets_positions: Array | None = None, deterministic: bool = True) -> Array:
     """Target-side logits `[B, T, V]` given the encoded source."""
+    _check_decode_positions(self, targets_positions, "targets_positions")
     x = self.decoder(self.embed(decoder_inputs), positions=targets_positions,
                      segment_ids=targets_segment_ids, encoded=encoded,
                      encoded_segment_ids=inputs_segment_ids, deterministic=deterministic)
