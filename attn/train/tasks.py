@@ -172,9 +172,10 @@ class Seq2SeqTask(Task):
     tok = self.info.tokenizer
     hyps, refs = [], []
     for batch in batches:
-      # Packed rows hold several examples; score only the first one in each row.
+      # Packed rows hold several examples; score only the first one in each row. The rest
+      # becomes padding, which decoding masks like the pipeline's own (`attn.decode`).
       first = batch["inputs_segment_ids"] == 1
-      sources = np.where(first, batch["inputs"], 0)
+      sources = np.where(first, batch["inputs"], self.info.pad_id)
       out = np.asarray(generate_fn(sources))
       for row in range(out.shape[0]):
         if not batch["weights"][row].any():

@@ -115,7 +115,7 @@ class _Evaluator:
     def generate(sources: np.ndarray) -> np.ndarray:
       return decode.generate(self.model, state.params, jnp.asarray(sources),
                              max_new_tokens=info.target_len, eos_id=info.eos_id,
-                             bos_id=info.bos_id)
+                             pad_id=info.pad_id, bos_id=info.bos_id)
 
     return generate
 
