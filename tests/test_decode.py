@@ -71,8 +71,8 @@ def _naive_greedy(model, params, tokens, steps):
 @pytest.mark.parametrize("kind", ["lm", "encoder_decoder"])
 def test_greedy_generate_equals_uncached_greedy(kind):
   model, params, tokens = _model(kind, position="rope" if kind == "lm" else "t5")
-  expected = _naive_greedy(model, params, tokens, 8)
-  np.testing.assert_array_equal(decode.generate(model, params, tokens, max_new_tokens=8),
+  expected = _naive_greedy(model, params, tokens, 5)
+  np.testing.assert_array_equal(decode.generate(model, params, tokens, max_new_tokens=5),
                                 expected)
   # Sampling settings that must collapse to greedy.
   rng = jax.random.key(3)
@@ -192,3 +192,43 @@ def test_too_long_a_request_is_refused_before_compiling():
   model, params, tokens = _model()
   with pytest.raises(ValueError, match=r"prompt length 6 \+ max_new_tokens 15 exceeds"):
     decode.generate(model, params, tokens, max_new_tokens=15)
+
+
+RECURRENT_OPTIONS = {"linear": {"chunk_size": 4}, "performer": {"num_features": 16,
+                                                               "chunk_size": 4}}
+
+
+@pytest.mark.parametrize("attention", ["linear", "performer"])
+def test_recurrent_decoding_equals_the_full_forward_and_uncached_greedy(attention):
+  """Causal linear / performer decode from their O(1) state ("Transformers are RNNs"): the
+  logits of a prefill + single steps equal the full forward, greedy generate equals greedy
+  without a cache, and the cache holds no keys or values, so its size ignores max_len."""
+  model, params, tokens = _model(attention=attention, num_kv_heads=2, position="rope",
+                                 attention_options=RECURRENT_OPTIONS[attention])
+  target = jnp.asarray(np.random.default_rng(1).integers(3, 30, size=(2, 9)), jnp.int32)
+  full = model.apply({"params": params}, target)
+  decoder = model.clone(decode=True)
+  cache = decoder.init(jax.random.key(0), jnp.zeros((2, 20), jnp.int32))["cache"]
+  outputs = []
+  step = jax.jit(lambda cache, x, positions: decoder.apply(
+      {"params": params, "cache": cache}, x, positions=positions, mutable=["cache"]))
+  for start, stop in [(0, 3)] + [(t, t + 1) for t in range(3, 9)]:
+    positions = jnp.broadcast_to(jnp.arange(start, stop), (2, stop - start))
+    logits, state = step(cache, target[:, start:stop], positions)
+    cache = state["cache"]
+    outputs.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(outputs, axis=1), full, atol=5e-5, rtol=5e-5)
+
+  names = {jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(cache)}
+  assert not any("cached_key" in n or "cached_value" in n for n in names), names
+  longer = build(ModelConfig(kind="lm", **(SMALL | dict(
+      max_len=200, attention=attention, num_kv_heads=2, position="rope",
+      attention_options=RECURRENT_OPTIONS[attention])))).clone(decode=True)
+  sizes = [sum(x.size for x in jax.tree.leaves(jax.eval_shape(
+      m.init, jax.random.key(0), jnp.zeros((2, n), jnp.int32))["cache"]))
+      for m, n in ((decoder, 20), (longer, 200))]
+  assert sizes[0] == sizes[1], sizes
+
+  expected = _naive_greedy(model, params, tokens, 5)
+  np.testing.assert_array_equal(decode.generate(model, params, tokens, max_new_tokens=5),
+                                expected)

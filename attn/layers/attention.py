@@ -55,7 +55,8 @@ class MultiHeadAttention(nn.Module):
       decode=True). `init` with an input of the maximum length sizes the cache; every later
       apply (mutable=['cache']) appends its tokens and attends to everything cached so far.
     record_weights: sow the attention weights `[B, N, T, S]` (float32) into 'intermediates',
-      recomputed on the reference path so they exist whichever kernel ran.
+      recomputed on the reference path so they exist whichever kernel ran (linear / performer
+      give their implicit attention matrix, the one their output is the product of with V).
     dtype: computation dtype (None = input's). param_dtype: parameter dtype.
   """
 
@@ -172,12 +173,18 @@ class MultiHeadAttention(nn.Module):
     attention_kwargs = dict(bias=bias, mask=mask, scale=self.scale, softcap=self.softcap,
                             **mask_kwargs)
     dropout = self.dropout_rate > 0.0 and not deterministic
+    # A core whose map is not softmax's (linear, performer) returns its own with the output.
+    own_map = self.record_weights and getattr(core, "returns_weights", False)
     out = core(
         query, key, value, implementation=self.implementation,
         dropout_rate=self.dropout_rate if dropout else 0.0,
-        dropout_rng=self.make_rng("dropout") if dropout else None, **attention_kwargs)
-    if self.record_weights:
+        dropout_rng=self.make_rng("dropout") if dropout else None,
+        **({"return_weights": True} if own_map else {}), **attention_kwargs)
+    if own_map:
+      out, weights = out
+    elif self.record_weights:
       _, weights = reference.attention(query, key, value, return_weights=True, **attention_kwargs)
+    if self.record_weights:
       self.sow("intermediates", "attention_weights", weights)
 
     out = Projection(features=(self.out_features or features,), in_dims=2,

@@ -139,43 +139,93 @@ def _linear_kwargs(name: str, kwargs: dict) -> dict:
   return keep
 
 
+def _recurrent(module: nn.Module, name: str, value: Array, features: int, kwargs: dict,
+               parallel: Any, step: Any) -> Array:
+  """The parallel form, or with `module.decode` the recurrent one on the 'cache' state.
+
+  The decode-mode `init` call (the maximum-length input) creates the empty state and runs the
+  parallel form; every later call continues the state with its new tokens (causal).
+  `return_weights=True` (the parallel form only) also returns the implicit attention matrix.
+  """
+  return_weights = kwargs.pop("return_weights", False)
+  kwargs = _linear_kwargs(name, kwargs)
+  if return_weights:
+    _reject(name, decode=module.decode)
+    return parallel(return_weights=True, **kwargs)
+  if not module.decode:
+    return parallel(**kwargs)
+  if not kwargs["is_causal"] or any(kwargs[key] is not None
+                                    for key in ("segment_ids", "key_value_seq_lengths")):
+    raise ValueError(f"attention={name!r} with decode=True is causal self-attention over one "
+                     f"unpadded sequence per row: pass is_causal=True and no segment_ids or "
+                     f"key_value_seq_lengths.")
+  initialized = module.has_variable("cache", "kv")
+  empty = linear.init_state(value.shape[0], value.shape[2], features, value.shape[3])
+  cache = {key: module.variable("cache", key, lambda x=x: x)
+           for key, x in empty._asdict().items()}
+  if not initialized:
+    return parallel(**kwargs)
+  out, state = step(linear.RecurrentState(**{key: x.value for key, x in cache.items()}))
+  for key, x in cache.items():
+    x.value = getattr(state, key)
+  return out
+
+
 @registry.register(
     name="linear", paper="Katharopoulos et al. 2020",
-    summary="elu+1 feature map; causal form by chunk-wise prefix sums")
+    summary="elu+1 feature map; causal form by chunk-wise prefix sums", decoding="recurrent",
+    weights=True)
 class Linear(nn.Module):
-  """Linear attention with the elu + 1 feature map (causal: chunk-wise prefix sums)."""
+  """Linear attention with the elu + 1 feature map (causal: chunk-wise prefix sums).
 
+  decode=True: recurrent decoding, O(1) state per token (S, z in the 'cache' collection).
+  `return_weights=True` gives (output, its implicit `[B, N, T, S]` attention matrix).
+  """
+
+  returns_weights = True  # MultiHeadAttention's record_weights asks it for its own map
   chunk_size: int = 64
+  decode: bool = False
 
   @nn.compact
   def __call__(self, query: Array, key: Array, value: Array, **kwargs: Any) -> Array:
-    return linear.linear_attention(query, key, value, chunk_size=self.chunk_size,
-                                   **_linear_kwargs("linear", kwargs))
+    return _recurrent(
+        self, "linear", value, query.shape[-1], kwargs,
+        lambda **kw: linear.linear_attention(query, key, value, chunk_size=self.chunk_size,
+                                             **kw),
+        lambda state: linear.linear_attention_step(query, key, value, state,
+                                                   chunk_size=self.chunk_size))
 
 
 @registry.register(
     name="performer", paper="Choromanski et al. 2021",
-    summary="FAVOR+: positive orthogonal random features, redrawable")
+    summary="FAVOR+: positive orthogonal random features, redrawable", decoding="recurrent",
+    weights=True)
 class Performer(nn.Module):
   """FAVOR+ with `num_features` positive orthogonal random features.
 
   The features are fixed by `seed` unless a 'features' rng is given
   (`apply(..., rngs={'features': key})`): pass a new key every N steps to redraw them, as the
-  paper does during training.
+  paper does during training. decode=True: recurrent decoding, O(1) state per token.
+  `return_weights=True` gives (output, its implicit `[B, N, T, S]` attention matrix).
   """
 
+  returns_weights = True  # MultiHeadAttention's record_weights asks it for its own map
   num_features: int = 256
   chunk_size: int = 64
   seed: int = 0
+  decode: bool = False
 
   @nn.compact
   def __call__(self, query: Array, key: Array, value: Array, *, scale: float | None = None,
                **kwargs: Any) -> Array:
     rng = self.make_rng("features") if self.has_rng("features") else jax.random.key(self.seed)
     projection = linear.orthogonal_random_features(rng, self.num_features, query.shape[-1])
-    return linear.performer_attention(query, key, value, projection, scale=scale,
-                                      chunk_size=self.chunk_size,
-                                      **_linear_kwargs("performer", kwargs))
+    return _recurrent(
+        self, "performer", value, self.num_features, kwargs,
+        lambda **kw: linear.performer_attention(query, key, value, projection, scale=scale,
+                                                chunk_size=self.chunk_size, **kw),
+        lambda state: linear.performer_attention_step(query, key, value, projection, state,
+                                                      scale=scale, chunk_size=self.chunk_size))
 
 
 @registry.register(

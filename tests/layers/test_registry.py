@@ -132,8 +132,8 @@ def test_decode_and_maps_follow_the_registry():
   x = jnp.ones((1, 4, 8))
   with pytest.raises(ConfigError, match=r"attention='bigbird' cannot decode.*'softmax'"):
     MultiHeadAttention(num_heads=2, attention="bigbird", decode=True).init(jax.random.key(0), x)
-  with pytest.raises(ConfigError, match=r"record_weights: attention='linear' has no attention"):
-    MultiHeadAttention(num_heads=2, attention="linear", record_weights=True).init(
+  with pytest.raises(ConfigError, match=r"record_weights: attention='sigmoid' has no attention"):
+    MultiHeadAttention(num_heads=2, attention="sigmoid", record_weights=True).init(
         jax.random.key(0), x)
   with pytest.raises(ConfigError, match=r"model.attention='bigbird' cannot decode"):
     model = build(ModelConfig(attention="bigbird", **SMALL))

@@ -99,7 +99,7 @@ def test_keywords_a_mechanism_cannot_honor_are_errors(name, kwargs, match):
 @pytest.mark.parametrize("layer, match", [
     (MultiHeadAttention(num_heads=4, attention="linformer",
                         attention_options={"max_length": 8}), r"max_length=8 keys, got 12"),
-    (MultiHeadAttention(num_heads=4, attention="linear", decode=True), r"decode"),
+    (MultiHeadAttention(num_heads=4, attention="bigbird", decode=True), r"cannot decode"),
     (MultiHeadAttention(num_heads=4, attention="sinks", attention_options={"features": 3}),
      r"attention_options.features is not an option of model.attention='sinks'; its options "
      r"\(with defaults\): init_logit=0.0"),
@@ -120,3 +120,18 @@ def test_linear_mechanisms_on_packed_rows_equal_each_sequence_alone(name):
   packed = layer.apply(params, x, is_causal=True, segment_ids=segments)
   alone = [layer.apply(params, x[:, s], is_causal=True) for s in (slice(0, 7), slice(7, 10))]
   np.testing.assert_allclose(packed[:, :10], jnp.concatenate(alone, axis=1), atol=2e-5)
+
+
+def test_linear_record_weights_gives_its_implicit_map():
+  """The recorded map is linear attention's own (rows sum to 1, causal), not softmax's."""
+  layer = MultiHeadAttention(num_heads=4, attention="linear", record_weights=True)
+  x = _x(4)
+  params = layer.init(jax.random.key(0), x, is_causal=True)
+  _, state = layer.apply(params, x, is_causal=True, mutable=["intermediates"])
+  (weights,) = state["intermediates"]["attention_weights"]
+  np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-5)
+  assert np.all(np.asarray(weights)[:, :, np.triu_indices(T, 1)[0], np.triu_indices(T, 1)[1]]
+                == 0.0)
+  softmax = MultiHeadAttention(num_heads=4, record_weights=True).apply(
+      params, x, is_causal=True, mutable=["intermediates"])[1]
+  assert not np.allclose(weights, softmax["intermediates"]["attention_weights"][0], atol=1e-3)
