@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import signal
-import time
 
 import grain
 import jax.numpy as jnp
@@ -94,10 +93,8 @@ def main() -> None:
 
     def hook(step, state, ckpt):
       if step == args.at + 1:
-        deadline = time.time() + 60
-        while not os.path.isdir(os.path.join(ckpt.directory, str(args.at))):
-          assert time.time() < deadline, "checkpoint never completed"
-          time.sleep(0.05)
+        ckpt.wait()  # The save of step `at` is complete (local disk or bucket).
+        assert ckpt.latest_step() == args.at, ckpt.all_steps()
         os.kill(os.getpid(), signal.SIGKILL)
 
     hooks.append(hook)
