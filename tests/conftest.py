@@ -12,6 +12,10 @@ _DEVICE_FLAG = "--xla_force_host_platform_device_count=8"
 if _DEVICE_FLAG not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_DEVICE_FLAG}".strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# gcsfs decides at import time whether to probe each bucket's layout over gRPC (which the GCS
+# emulator of tests/gcs.py does not serve: a 60 s timeout per bucket); any test may import it
+# before the emulator fixture sets its environment, so switch the probe off here.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 import jax  # noqa: E402
 
