@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Parallel test workers; 2 matches the CI machine. Override: make test JOBS=8.
 JOBS ?= 2
 
-.PHONY: train test test-all bench bench-train lint clean
+.PHONY: train test test-all bench bench-train reproduce lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ bench: $(STAMP)
 
 bench-train: $(STAMP)
 	$(PY) -m experiments.benchmarks.train
+
+# The README's reproductions (experiments/reproductions/): SEEDS=3 for mean +- std.
+SEEDS ?= 1
+reproduce: $(STAMP)
+	$(PY) -m experiments.reproduce --seeds $(SEEDS) --workdir runs/reproduce
 
 lint: $(STAMP)
 	$(PY) -m ruff check attn experiments launch tests

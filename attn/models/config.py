@@ -25,6 +25,8 @@ KINDS = ("lm", "encoder_decoder", "encoder", "classifier", "vit")
 POSITIONS = ("sinusoidal", "learned", "rope", "alibi", "t5", "none")
 VIT_POSITIONS = ("sinusoidal", "learned", "none")
 NORM_PLACEMENTS = ("pre", "post", "sandwich")
+# Token embedding inits: 'normal' is N(0, 1); 'scaled' is N(0, 1/d_model), flax's nn.Embed default.
+EMBED_INITS = ("normal", "scaled")
 POOLINGS = ("cls", "mean", "attention")
 REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -67,6 +69,9 @@ class ModelConfig:
   dtype: str = "float32"  # computation dtype; softmax, norms statistics and logits stay float32
   param_dtype: str = "float32"
   tie_embeddings: bool = True
+  # Token embedding init: 'normal' N(0, 1) (tied logits scaled by 1/sqrt(d_model)) or 'scaled'
+  # N(0, 1/d_model) (flax's nn.Embed default; tied logits unscaled). See EMBED_INITS.
+  embed_init: str = "normal"
   scan_layers: bool = False
   remat: str = "none"
   num_classes: int = 2  # classifier / vit
@@ -83,6 +88,7 @@ class ModelConfig:
     registry.check_model(self.attention, self.kind)
     _check_choice("position", self.position, VIT_POSITIONS if self.kind == "vit" else POSITIONS)
     _check_choice("norm", self.norm, tuple(NORMS))
+    _check_choice("embed_init", self.embed_init, EMBED_INITS)
     _check_choice("norm_placement", self.norm_placement, NORM_PLACEMENTS)
     _check_choice("ffn", self.ffn, tuple(FFN_KINDS))
     _check_choice("pooling", self.pooling, POOLINGS)

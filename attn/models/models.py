@@ -21,19 +21,24 @@ class TokenEmbedding(nn.Module):
   config: ModelConfig
 
   def setup(self) -> None:
+    # 'scaled' is flax's nn.Embed default: N(0, 1/D) (variance scaling over the fan-in D).
+    stddev = 1.0 if self.config.embed_init == "normal" else self.config.d_model ** -0.5
     self.embedding = nn.Embed(
         self.config.vocab_size, self.config.d_model, dtype=self.config.compute_dtype,
         param_dtype=self.config.weights_dtype,
-        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(stddev=1.0),
+        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(stddev=stddev),
                                                     ("vocab", "embed")))
 
   def __call__(self, tokens: Array) -> Array:
     return self.embedding(tokens)
 
   def attend(self, x: Array) -> Array:
-    # Inputs are unscaled N(0, 1) embeddings, so the tied output is scaled by 1/sqrt(D) to
-    # start with unit-scale logits (flax's WMT example does the same).
-    return self.embedding.attend(x) / jnp.sqrt(jnp.asarray(x.shape[-1], x.dtype))
+    # With N(0, 1) embeddings the tied output is scaled by 1/sqrt(D) to start with unit-scale
+    # logits (flax's WMT example does the same); N(0, 1/D) embeddings give them unscaled.
+    logits = self.embedding.attend(x)
+    if self.config.embed_init == "normal":
+      logits = logits / jnp.sqrt(jnp.asarray(x.shape[-1], x.dtype))
+    return logits
 
 
 def _logits(config: ModelConfig, embed: TokenEmbedding, x: Array) -> Array:

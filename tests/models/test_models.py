@@ -252,3 +252,33 @@ def test_sharded_outputs_equal_unsharded_on_8_devices(kind):
     assert kernel.value.sharding.spec == PartitionSpec("tensor", "fsdp")
   unsharded = model.apply(jax.device_get(meta.unbox(variables)), *inputs)
   np.testing.assert_allclose(sharded, unsharded, atol=2e-5)
+
+
+@pytest.mark.parametrize("embed_init,std,logit_scale", [("normal", 1.0, 32 ** -0.5),
+                                                        ("scaled", 32 ** -0.5, 1.0)])
+def test_embed_init_scale_and_tied_logits(embed_init, std, logit_scale):
+  """model.embed_init: the token table's std, and tied logits = final hidden . E^T, divided by
+  sqrt(D) only for N(0, 1) tables (so both start with unit-scale logits)."""
+  config = _config(kind="lm", embed_init=embed_init, vocab_size=2000, position="none")
+  model = build(config)
+  variables = meta.unbox(model.init(jax.random.key(0), _tokens(0)))
+  table = np.asarray(variables["params"]["embed"]["embedding"]["embedding"], np.float64)
+  assert abs(table.std() - std) < 0.03 * std
+  hidden = {}
+
+  def keep(module, method_name, args, kwargs):  # the input of the tied output projection
+    del method_name, kwargs
+    if isinstance(module, nn.Embed):
+      hidden["x"] = args[0]
+
+  with nn.intercept_methods(lambda f, args, kwargs, ctx: (
+      keep(ctx.module, ctx.method_name, args, kwargs) if ctx.method_name == "attend" else None,
+      f(*args, **kwargs))[1]):
+    logits = model.apply(variables, _tokens(0))
+  expected = np.einsum("btd,vd->btv", np.asarray(hidden["x"], np.float64), table) * logit_scale
+  np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_embed_init_is_checked():
+  with pytest.raises(ValueError, match="model.embed_init='xavier' is not one of"):
+    _config(embed_init="xavier")

@@ -1,0 +1,275 @@
+"""Reproductions: published attention results rerun in this codebase, each against a band stated
+before the run.
+
+    python -m experiments.reproduce [--only NAME] [--seeds N] [--workdir runs/reproduce] \
+        [--parallel 1] [--report]          # or: make reproduce
+
+Each claim is an experiment file in experiments/reproductions/ (its docstring: `Claim:`,
+`Paper:`, `Band:`, `Budget:`, `Command:`, `Hardware:`) with `get_config(arg)`, `get_sweep(arg)`,
+`check(cells) -> (status, detail)`, SWEEP_METRIC, PAPER and BAND (short forms for the table),
+optionally ORDER and `plot(cells) -> Figure`. The runner runs every claim's sweep through
+launch.sweep (one `experiments.main` process per point, so the normal trainer), under
+`<workdir>/<claim>/`, then writes into the workdir:
+
+- `results.json`: per claim its paper, band, status (pass / fail / incomplete), detail, every
+  variant's mean / std / n per metric and the wall time; plus the git commit and package versions
+  (launch.provenance).
+- `results.md`: the same as a table (mean ± std over seeds).
+- `<claim>.png`: one plot per claim (the claim's `plot(cells, path)`, else bars of its metric).
+
+Each claim's directory also gets launch.report's results.csv / results.md. A rerun skips the
+points that finished (summary.json present); a killed run resumes from its checkpoints (the
+trainer's contract). `--report` only rewrites the reports from what is on disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import glob
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from types import ModuleType
+from typing import Any
+
+from attn import storage
+from launch import grid, provenance, report, sweep
+
+CLAIMS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reproductions")
+PASS, FAIL, INCOMPLETE = "pass", "fail", "incomplete"
+TIMES_FILE = "wall_time.json"
+
+
+@dataclasses.dataclass
+class Cell:
+  """One variant of a claim's sweep: its point (experiment args without `arg.` and seed) and
+  mean / std / n of every metric over the seeds that finished."""
+
+  point: dict[str, Any]
+  runs: int
+  done: int
+  stats: dict[str, tuple[float, float | None, int]]
+  failed: int = 0  # runs that exited with an error (a diverged run, a bad config)
+
+  def mean(self, metric: str) -> float:
+    """The metric's mean over seeds; NaN when no seed finished."""
+    return self.stats.get(metric, (math.nan, None, 0))[0]
+
+
+class Cells(list):
+  """A claim's cells, looked up by their args: `cells.mean("accuracy", attention="mha")`."""
+
+  def find(self, **where: Any) -> Cell | None:
+    match = [c for c in self if all(c.point.get(k) == v for k, v in where.items())]
+    return match[0] if len(match) == 1 else None
+
+  def mean(self, metric: str, **where: Any) -> float:
+    cell = self.find(**where)
+    return math.nan if cell is None else cell.mean(metric)
+
+
+def claim_files(claims_dir: str = CLAIMS_DIR) -> dict[str, str]:
+  """name -> path of every claim file, in the order of their `ORDER` (then name)."""
+  paths = [p for p in glob.glob(os.path.join(claims_dir, "*.py"))
+           if not os.path.basename(p).startswith("_")]
+  modules = {os.path.splitext(os.path.basename(p))[0]: p for p in paths}
+  order = {name: getattr(sweep.load_experiment(path)[0], "ORDER", 99)
+           for name, path in modules.items()}
+  return {name: modules[name] for name in sorted(modules, key=lambda n: (order[n], n))}
+
+
+def cells_of(results: Sequence[report.RunResult], metrics: Sequence[str]) -> Cells:
+  """Groups runs by variant: each variant's point and its stats (launch.report.aggregate)."""
+  points: dict[str, dict[str, Any]] = {}
+  failed: dict[str, int] = {}
+  for r in results:
+    points.setdefault(r.variant, {k.removeprefix(grid.ARG_PREFIX): v
+                                  for k, v in r.overrides.items() if k != grid.SEED_KEY})
+    failed[r.variant] = failed.get(r.variant, 0) + (r.status == "failed")
+  return Cells(Cell(points[v.variant], v.runs, v.done, v.stats, failed[v.variant])
+               for v in report.aggregate(results, metrics))
+
+
+def verdict(check: Callable[[Cells], tuple[str, str]], cells: Cells) -> tuple[str, str]:
+  """The claim's check; a check that finds a number missing (NaN) says incomplete."""
+  status, detail = check(cells)
+  if status not in (PASS, FAIL, INCOMPLETE):
+    raise ValueError(f"check() returned status {status!r}; expected pass, fail or incomplete.")
+  return status, detail
+
+
+def nan_to_none(value: Any) -> Any:
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  return value
+
+
+def docstring_field(doc: str | None, field: str) -> str:
+  """The text of `Field:` in a claim's docstring, up to the next `Word:` line, on one line."""
+  lines, inside = [], False
+  for line in (doc or "").splitlines():
+    head = line.split(":", 1)[0]
+    if line[:1].isalpha() and head.isalpha() and ":" in line:
+      inside = head == field
+      line = line.split(":", 1)[1]
+    if inside:
+      lines.append(line.strip())
+  return " ".join(filter(None, lines))
+
+
+def summarize(name: str, module: ModuleType, claim_dir: str) -> dict[str, Any]:
+  """One claim's entry in results.json, from its run directories; writes its plot."""
+  entry: dict[str, Any] = {
+      "paper": getattr(module, "PAPER", ""), "claim": docstring_field(module.__doc__, "Claim"),
+      "band": getattr(module, "BAND", ""), "metric": module.SWEEP_METRIC, "status": "not run",
+      "detail": "", "cells": [], "wall_s": None, "plot": None}
+  if not storage.exists(storage.join(claim_dir, report.PLAN_FILE)):
+    return entry
+  report.write_report(claim_dir, metric=module.SWEEP_METRIC)
+  results = report.collect(claim_dir)
+  metrics = report.metric_names(results, module.SWEEP_METRIC)
+  cells = cells_of(results, metrics)
+  entry["status"], entry["detail"] = verdict(module.check, cells)
+  entry["cells"] = [{"point": c.point, "runs": c.runs, "done": c.done, "failed": c.failed,
+                     "stats": {k: [nan_to_none(m), s, n] for k, (m, s, n) in c.stats.items()}}
+                    for c in cells]
+  times = storage.join(claim_dir, TIMES_FILE)
+  if storage.exists(times):
+    entry["wall_s"] = json.loads(storage.read_text(times))["wall_s"]
+  path = storage.join(os.path.dirname(claim_dir.rstrip("/")), f"{name}.png")
+  if _plot(module, cells, claim_dir, path):
+    entry["plot"] = f"{name}.png"
+  return entry
+
+
+def _plot(module: ModuleType, cells: Cells, claim_dir: str, path: str) -> bool:
+  if not any(c.done for c in cells):
+    return False
+  if hasattr(module, "plot"):
+    fig = module.plot(cells)
+  else:
+    from attn import viz_runs
+
+    fig = viz_runs.ablation_bars(storage.join(claim_dir, "results.csv"), module.SWEEP_METRIC,
+                                 by="variant", title=getattr(module, "TITLE", None))
+  storage.save_figure(fig, path, dpi=110)
+  return True
+
+
+def _stat(stats: Sequence[Any] | None) -> str:
+  if not stats or stats[0] is None:
+    return "-"
+  return report.format_stat(*stats)
+
+
+def markdown(summary: dict[str, Any]) -> str:
+  """results.md: one table of the claims, then each claim's variants."""
+  prov = summary["provenance"]
+  lines = ["# Reproductions", "",
+           f"Commit `{prov['commit']}`{' (uncommitted changes)' if prov['dirty'] else ''}; "
+           + ", ".join(f"{k} {v}" for k, v in prov["versions"].items() if v) + ".", "",
+           "| claim | paper | band | result | detail | wall time |", "|---|---|---|---|---|---|"]
+  for name, c in summary["claims"].items():
+    wall = "-" if c["wall_s"] is None else f"{c['wall_s'] / 60:.1f} min"
+    lines.append(f"| {name} | {c['paper']} | {c['band']} | **{c['status']}** | {c['detail']} | "
+                 f"{wall} |")
+  for name, c in summary["claims"].items():
+    if not c["cells"]:
+      continue
+    metrics = list(dict.fromkeys(k for cell in c["cells"] for k in cell["stats"]))
+    metrics.sort(key=lambda m: m != c["metric"])
+    metrics = metrics[:4]
+    lines += ["", f"## {name}", "", c["claim"], "",
+              "| variant | runs | " + " | ".join(metrics) + " |",
+              "|---|---|" + "---|" * len(metrics)]
+    for cell in c["cells"]:
+      label = ", ".join(f"{k}={v}" for k, v in cell["point"].items())
+      lines.append(f"| {label} | {cell['done']}/{cell['runs']} | "
+                   + " | ".join(_stat(cell["stats"].get(m)) for m in metrics) + " |")
+    if c["plot"]:
+      lines += ["", f"![{name}]({c['plot']})"]
+  return "\n".join(lines) + "\n"
+
+
+def write_results(workdir: str, claims: dict[str, str]) -> dict[str, Any]:
+  """results.json, results.md and the plots, from what is on disk."""
+  summary = {"written": datetime.datetime.now().isoformat(timespec="seconds"),
+             "provenance": provenance.provenance(), "claims": {}}
+  for name, path in claims.items():
+    module, _ = sweep.load_experiment(path)
+    summary["claims"][name] = summarize(name, module, storage.join(workdir, name))
+  storage.write_text_atomic(storage.join(workdir, "results.json"),
+                            json.dumps(summary, indent=2, default=str))
+  storage.write_text_atomic(storage.join(workdir, "results.md"), markdown(summary))
+  return summary
+
+
+def run_claim(name: str, path: str, workdir: str, *, seeds: int | None, parallel: int,
+              extra: Sequence[str] = (), timeout: float | None = None) -> dict[str, str]:
+  """Runs one claim's sweep (what is not done yet); adds its wall time to wall_time.json."""
+  module, _ = sweep.load_experiment(path)
+  claim_dir = storage.join(workdir, name)
+  runs = sweep.plan(path, seeds=seeds)
+  sweep.write_plan(claim_dir, path, runs, module.SWEEP_METRIC)
+  start = time.monotonic()
+  outcome = sweep.execute(path, claim_dir, runs, parallel=parallel, extra=extra, timeout=timeout,
+                          echo=lambda line: print(f"[{name}] {line}", flush=True))
+  times = storage.join(claim_dir, TIMES_FILE)
+  spent = json.loads(storage.read_text(times))["wall_s"] if storage.exists(times) else 0.0
+  if any(state != "skipped" for state in outcome.values()):
+    spent += time.monotonic() - start
+  storage.write_text_atomic(times, json.dumps({"wall_s": round(spent, 1)}))
+  return outcome
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(prog="python -m experiments.reproduce",
+                                   description=__doc__.split("\n")[0])
+  parser.add_argument("--workdir", default="runs/reproduce")
+  parser.add_argument("--only", action="append", default=[], metavar="NAME",
+                      help="run only this claim; repeat for several")
+  parser.add_argument("--seeds", type=int, default=None,
+                      help="seeds 0..N-1 per point (default: each claim's config seed)")
+  parser.add_argument("--parallel", type=int, default=1, help="runs at a time")
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="a config override for every run")
+  parser.add_argument("--timeout", type=float, default=None, help="seconds before a run is killed")
+  parser.add_argument("--report", action="store_true", help="only rewrite the results")
+  parser.add_argument("--claims_dir", default=CLAIMS_DIR, help=argparse.SUPPRESS)
+  return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Runs the claims; returns 1 if a run failed or a finished claim is outside its band."""
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  claims = claim_files(args.claims_dir)
+  unknown = sorted(set(args.only) - set(claims))
+  if unknown:
+    print(f"Unknown claim(s) {unknown}; known: {list(claims)}.")
+    return 2
+  chosen = {n: p for n, p in claims.items() if not args.only or n in args.only}
+  failed_runs = []
+  if not args.report:
+    for name, path in chosen.items():
+      try:
+        outcome = run_claim(name, path, args.workdir, seeds=args.seeds, parallel=args.parallel,
+                            extra=args.set, timeout=args.timeout)
+      except KeyboardInterrupt:
+        write_results(args.workdir, claims)
+        return 130
+      failed_runs += [f"{name}/{run}" for run, state in outcome.items() if state == "failed"]
+  summary = write_results(args.workdir, claims)
+  print(storage.read_text(storage.join(args.workdir, "results.md")))
+  if failed_runs:
+    print(f"{len(failed_runs)} run(s) failed: {', '.join(failed_runs)}")
+  failed = [n for n in chosen if summary["claims"][n]["status"] == FAIL]
+  return 1 if failed_runs or failed else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

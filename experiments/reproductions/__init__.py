@@ -1,0 +1,1 @@
+"""Claim files for `python -m experiments.reproduce` (one published result each)."""

@@ -1,0 +1,42 @@
+"""ListOps (Long Range Arena): a vanilla Transformer classifier lands well above the majority
+class (Tay et al. 2021 report 36.4% at length 2K).
+
+Claim:    the vanilla Transformer learns ListOps beyond the majority class.
+Paper:    Tay et al. 2021, "Long Range Arena: A Benchmark for Efficient Transformers" (ICLR),
+          table 1 (Transformer 36.37% on ListOps, length 2K; 10 classes).
+Band:     test accuracy in [0.30, 0.60] at length 512 (the majority class is ~0.17, chance
+          0.10; a shorter task than LRA's, so above its 0.36 is allowed). Stated before the run.
+Budget:   experiments/classify.py:data=listops (listops/small, length 512), size small (4
+          layers, d_model 128), 1,000 steps of 32 rows, AdamW lr 1e-3. LRA trains 5k steps at
+          length 2K.
+Command:  python -m experiments.reproduce --only listops [--seeds 3]
+Hardware: a 2-core CPU: one run of ~15 min unloaded (estimate).
+"""
+
+import math
+
+from experiments import classify
+from launch import grid
+
+ORDER = 4
+TITLE = "ListOps accuracy (vanilla Transformer, length 512)"
+PAPER = "LRA (Tay et al. 2021)"
+BAND = "accuracy in [0.30, 0.60] (majority class ~0.17)"
+SWEEP_METRIC = "accuracy"
+LOW, HIGH = 0.30, 0.60
+
+
+def get_config(arg: str | None = None):
+  return classify.get_config("data=listops,size=small,steps=1000" + (f",{arg}" if arg else ""))
+
+
+def get_sweep(arg: str | None = None) -> list[grid.Point]:
+  del arg
+  return grid.grid({"arg.attention": ["mha"]})
+
+
+def check(cells) -> tuple[str, str]:
+  acc = cells.mean("accuracy", attention="mha")
+  if math.isnan(acc):
+    return "incomplete", "no finished run"
+  return ("pass" if LOW <= acc <= HIGH else "fail"), f"accuracy {acc:.3f}"

@@ -1,0 +1,205 @@
+"""experiments.reproduce: a fake claim of two 4-step points runs, is skipped on rerun, resumes
+from a checkpoint, and is reported with pass / fail against its band; each real claim's check
+on hand-made numbers; `slow`: each real claim at its smallest setting inside its band."""
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import textwrap
+
+import pytest
+
+from experiments import reproduce
+
+FAKE_CLAIM = textwrap.dedent('''
+    """A fake claim for the runner's test: RMSNorm and LayerNorm both end with a finite loss
+    below {bound} after 4 steps of the norm ablation's runlocal config."""
+    import math
+
+    from experiments import norm_ablation
+    from launch import grid
+
+    ORDER = 1
+    PAPER = "none (test)"
+    CLAIM = "both norms train"
+    BAND = "loss < {bound}"
+    SWEEP_METRIC = "loss"
+
+
+    def get_config(arg=None):
+      config = norm_ablation.get_config("runlocal" + (f",{{arg}}" if arg else ""))
+      config.train.checkpoint_every = 2
+      return config
+
+
+    def get_sweep(arg=None):
+      return grid.grid({{"arg.norm": ["layernorm", "rmsnorm"]}})
+
+
+    def check(cells):
+      losses = [cells.mean("loss", norm=n) for n in ("layernorm", "rmsnorm")]
+      if any(math.isnan(v) for v in losses):
+        return "incomplete", "missing"
+      return ("pass" if max(losses) < {bound} else "fail"), f"max loss {{max(losses):.3f}}"
+''')
+
+
+@pytest.fixture
+def child_env(monkeypatch):
+  cache = os.path.join(tempfile.gettempdir(), f"attn-tests-jax-cache-{os.getuid()}")
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", cache)
+  monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  monkeypatch.setenv("XLA_FLAGS", "")  # one device per run, not the tests' eight
+
+
+def _write_claim(directory, name, bound):
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, f"{name}.py"), "w") as f:
+    f.write(FAKE_CLAIM.format(bound=bound))
+
+
+def test_runner_runs_skips_resumes_and_reports(tmp_path, child_env, capsys):
+  claims, work = str(tmp_path / "claims"), str(tmp_path / "work")
+  _write_claim(claims, "trains", bound=100.0)  # a byte LM starts at ~ln(259) = 5.6 nats
+  _write_claim(claims, "too_good", bound=0.01)  # same runs, a band they cannot meet
+  argv = ["--claims_dir", claims, "--workdir", work, "--only", "trains", "--parallel", "2"]
+
+  assert reproduce.main(argv) == 0
+  out = capsys.readouterr().out
+  assert "[trains] [1/2] start norm=layernorm" in out
+  with open(os.path.join(work, "results.json")) as f:
+    results = json.load(f)
+  prov = results["provenance"]
+  assert len(prov["commit"]) == 40 and prov["versions"]["jax"] and prov["versions"]["flax"]
+  trains = results["claims"]["trains"]
+  assert trains["status"] == "pass" and trains["wall_s"] > 0 and trains["plot"] == "trains.png"
+  losses = {c["point"]["norm"]: c["stats"]["loss"] for c in trains["cells"]}
+  assert sorted(losses) == ["layernorm", "rmsnorm"]
+  for mean, std, n in losses.values():  # one seed: no std
+    assert 0 < mean < 100 and std is None and n == 1
+  assert results["claims"]["too_good"]["status"] == "not run"
+  with open(os.path.join(work, "trains.png"), "rb") as f:
+    assert f.read(4) == b"\x89PNG"
+  with open(os.path.join(work, "results.md")) as f:
+    table = f.read()
+  assert "| trains | none (test) | loss < 100.0 | **pass** |" in table
+  assert "| too_good | none (test) | loss < 0.01 | **not run** |" in table
+
+  # A rerun starts nothing; the verdict comes from the same numbers.
+  assert reproduce.main(argv) == 0
+  out = capsys.readouterr().out
+  assert "[trains] 2 finished run(s) skipped; 0 to run." in out and "start" not in out
+
+  # A run killed after its step-2 checkpoint (no step 4, no summary) resumes there.
+  run_dir = os.path.join(work, "trains", "norm=rmsnorm")
+  os.remove(os.path.join(run_dir, "summary.json"))
+  shutil.rmtree(os.path.join(run_dir, "checkpoints", "4"))
+  assert reproduce.main(argv) == 0
+  out = capsys.readouterr().out
+  assert "1 finished run(s) skipped; 1 to run." in out and "start norm=rmsnorm" in out
+  with open(os.path.join(run_dir, "log.txt")) as f:
+    log = f.read()
+  assert "new run" in log and "resuming at step 2" in log
+  with open(os.path.join(run_dir, "summary.json")) as f:
+    assert json.load(f)["step"] == 4
+
+  # The same runs against a band they miss: fail, and the exit status says so.
+  shutil.copytree(os.path.join(work, "trains"), os.path.join(work, "too_good"))
+  assert reproduce.main([*argv[:-3], "too_good"]) == 1
+  with open(os.path.join(work, "results.json")) as f:
+    assert json.load(f)["claims"]["too_good"]["status"] == "fail"
+  assert reproduce.main(["--claims_dir", claims, "--workdir", work, "--only", "nope"]) == 2
+
+
+def _cells(rows):
+  """Cells from (point, {metric: mean}, failed) rows, 1 seed each."""
+  return reproduce.Cells(
+      reproduce.Cell(point, 1, 0 if failed else 1,
+                     {} if failed else {k: (v, None, 1) for k, v in metrics.items()}, int(failed))
+      for point, metrics, failed in rows)
+
+
+def _claim(name):
+  module, _ = reproduce.sweep.load_experiment(reproduce.claim_files()[name])
+  return module
+
+
+def test_cells_lookup_and_missing_values():
+  cells = _cells([({"a": 1, "b": "x"}, {"loss": 2.0}, False), ({"a": 2, "b": "x"}, {}, True)])
+  assert cells.mean("loss", a=1) == 2.0
+  assert math.isnan(cells.mean("loss", a=2)) and math.isnan(cells.mean("loss", a=3))
+  assert cells.find(b="x") is None  # ambiguous
+  assert cells.find(a=2).failed == 1
+
+
+def _mqar(mha, linear, local):
+  return _cells([({"data": d, "attention": a}, {"accuracy": v}, False)
+                 for a, values in (("mha", mha), ("linear", linear), ("local", local))
+                 for d, v in zip(("l64", "l128"), values, strict=True)])
+
+
+def test_mqar_band():
+  check = _claim("mqar_recall").check
+  assert check(_mqar((0.99, 0.97), (0.7, 0.4), (0.9, 0.6)))[0] == "pass"
+  assert check(_mqar((0.99, 0.90), (0.7, 0.4), (0.9, 0.6)))[0] == "fail"  # softmax < 0.95
+  assert check(_mqar((0.99, 0.97), (0.3, 0.4), (0.9, 0.6)))[0] == "fail"  # linear not degrading
+  assert check(_mqar((0.99, 0.97), (0.7, 0.4), (0.9, 0.95)))[0] == "fail"  # local recalls all
+  assert check(_mqar((0.99, math.nan), (0.7, 0.4), (0.9, 0.6)))[0] == "incomplete"
+
+
+def test_prenorm_postnorm_band_counts_divergence_as_worse():
+  check = _claim("prenorm_postnorm").check
+
+  def cells(cold_post, warm_post, diverged=False):
+    return _cells([({"warmup": False, "place": "pre"}, {"loss": 2.0}, False),
+                   ({"warmup": False, "place": "post"}, {"loss": cold_post}, diverged),
+                   ({"warmup": True, "place": "pre"}, {"loss": 1.9}, False),
+                   ({"warmup": True, "place": "post"}, {"loss": warm_post}, False)])
+
+  assert check(cells(2.5, 1.95))[0] == "pass"
+  assert check(cells(0.0, 1.95, diverged=True))[0] == "pass"
+  assert check(cells(2.05, 1.95))[0] == "fail"  # gap 0.05 < 0.10
+  assert check(cells(2.5, 2.3))[0] == "fail"  # warmup does not close it
+
+
+def test_other_bands():
+  ln_bn = _claim("layernorm_batchnorm").check
+  norm = lambda bn, failed=False: _cells([({"norm": "layernorm"}, {"loss": 2.0}, False),  # noqa: E731
+                                          ({"norm": "batchnorm"}, {"loss": bn}, failed)])
+  assert ln_bn(norm(2.1))[0] == "pass" and ln_bn(norm(2.01))[0] == "fail"
+  assert ln_bn(norm(0.0, failed=True))[0] == "pass"
+  listops = _claim("listops").check
+  assert listops(_cells([({"attention": "mha"}, {"accuracy": 0.37}, False)]))[0] == "pass"
+  assert listops(_cells([({"attention": "mha"}, {"accuracy": 0.17}, False)]))[0] == "fail"
+  mech = _claim("mechanisms_lm")
+  good = {"mha": 2.0, "sinks": 2.05, "sigmoid": 2.1, "cosine": 2.0, "local": 2.2, "linear": 2.4,
+          "performer": 2.5}
+  rows = lambda d: _cells([({"attention": k}, {"bits_per_byte": v}, False)  # noqa: E731
+                           for k, v in d.items()])
+  assert mech.check(rows(good))[0] == "pass"
+  assert mech.check(rows({**good, "linear": 2.05}))[0] == "fail"
+  assert mech.check(rows({**good, "cosine": 2.5}))[0] == "fail"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(reproduce.claim_files()))
+def test_claim_reproduces_at_its_smallest_setting(name, tmp_path, child_env):
+  """The claim's own budget, 1 seed: inside its band (minutes to an hour on a 2-core CPU)."""
+  workdir = str(tmp_path / "reproduce")
+  reproduce.main(["--only", name, "--workdir", workdir])
+  with open(os.path.join(workdir, "results.json")) as f:
+    claim = json.load(f)["claims"][name]
+  assert claim["status"] == "pass", claim["detail"]
+
+
+def test_claim_text_comes_from_the_docstring():
+  doc = "Title.\n\nClaim:    a b\n          c.\nPaper:    X 2020.\n"
+  assert reproduce.docstring_field(doc, "Claim") == "a b c."
+  assert reproduce.docstring_field(doc, "Paper") == "X 2020."
+  for name in reproduce.claim_files():
+    module = _claim(name)
+    assert reproduce.docstring_field(module.__doc__, "Claim"), name
+    assert "Stated before" in reproduce.docstring_field(module.__doc__, "Band"), name
