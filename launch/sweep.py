@@ -346,6 +346,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   for item in args.set:
     if "=" not in item:
       parser.error(f"--set takes KEY=VALUE, got {item!r}.")
+  unreachable = storage.url_support_error(args.workdir, "--workdir")
+  if unreachable:  # Before any run starts (a gs:// workdir without gcsfs).
+    parser.error(unreachable)
   return args
 
 

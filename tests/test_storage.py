@@ -6,6 +6,7 @@ import ml_collections
 import pytest
 
 from attn import data, storage, train
+from launch import sweep
 
 
 def test_resolve_keeps_urls_and_makes_local_paths_absolute(tmp_path, monkeypatch):
@@ -50,3 +51,10 @@ def test_loader_refuses_a_bucket_data_dir_without_gcsfs(no_gcsfs):
   cfg = ml_collections.ConfigDict({"name": "lm1b", "data_dir": "gs://b/tensorflow_datasets"})
   with pytest.raises(data.DataError, match=r"config.data.data_dir=.* needs the gcsfs.*\.\[gcs\]"):
     data.make_iterators(cfg, global_batch_size=2, seed=0)
+
+
+def test_sweep_refuses_a_bucket_workdir_without_gcsfs(no_gcsfs, capsys):
+  with pytest.raises(SystemExit) as info:
+    sweep.parse_args(["--workdir", "gs://b/sweep", "--report"])
+  assert info.value.code == 2
+  assert "--workdir='gs://b/sweep' needs the gcsfs package" in capsys.readouterr().err
