@@ -14,7 +14,7 @@ Command:  python -m launch.sweep --config experiments/norm_ablation.py --workdir
           python -m experiments.main --config experiments/norm_ablation.py:norm=rmsnorm,place=post \
               --workdir runs/norm_one
 Args:     norm=layernorm|rmsnorm|batchnorm, place=pre|post|sandwich, warmup=True|False,
-          lr=X (peak), steps=N, runlocal.
+          lr=X (peak), steps=N, size=tiny|small|... (default small), runlocal.
 Sweep:    norm {layernorm, rmsnorm, batchnorm} x place {pre, post} x warmup {True, False} x
           lr {1e-3, 3e-3} = 24 variants; x --seeds 3 = 72 runs.
 Hardware: each run is the `small` model (4 layers, d_model 128, ~0.8M parameters), 600 steps of
@@ -34,7 +34,7 @@ from launch import grid
 
 SWEEP_METRIC = "loss"
 _ARGS = {"norm": "layernorm", "place": "pre", "warmup": True, "lr": 3e-3, "steps": 600,
-         "runlocal": False}
+         "size": "small", "runlocal": False}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -42,7 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = common.base_config()
   config.model.kind = "lm"
   config.model.position = "rope"
-  presets.set_size(config, "small")
+  presets.set_size(config, args.size)
   presets.set_text_data(config, "pystdlib")
   config.data.seq_len = 128
   config.model.norm = args.norm

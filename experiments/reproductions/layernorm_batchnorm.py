@@ -10,10 +10,11 @@ Band:     eval loss of BatchNorm >= LayerNorm + 0.05 nats/byte (a diverged Batch
           as worse). Stated before the first run. Not measured yet: the variance of the batch
           statistics across steps (the paper's fig. 2) needs the trainer to log BatchNorm's
           batch mean / variance per step, which it does not do today.
-Budget:   experiments/norm_ablation.py's model (`small`, Pre-LN) on pystdlib bytes, 300 steps of
-          16 x 128, AdamW lr 3e-3 with 25 warmup steps. The paper trains IWSLT / WMT / WikiText.
+Budget:   experiments/norm_ablation.py's model at size `tiny` (2 layers, d_model 64, Pre-LN) on
+          pystdlib bytes, 300 steps of 16 x 128, AdamW lr 3e-3 with 25 warmup steps. The paper
+          trains IWSLT / WMT / WikiText.
 Command:  python -m experiments.reproduce --only layernorm_batchnorm [--seeds 3]
-Hardware: a 2-core CPU: 2 runs of ~2-4 min each unloaded (estimate).
+Hardware: a 2-core CPU: 2 runs of ~1-2 min each unloaded (estimate).
 """
 
 import math
@@ -30,7 +31,7 @@ MIN_GAP = 0.05
 
 
 def get_config(arg: str | None = None):
-  return norm_ablation.get_config("lr=3e-3,steps=300" + (f",{arg}" if arg else ""))
+  return norm_ablation.get_config("lr=3e-3,steps=300,size=tiny" + (f",{arg}" if arg else ""))
 
 
 def get_sweep(arg: str | None = None) -> list[grid.Point]:
