@@ -2,8 +2,9 @@
 
     python -m attn.data.prepare NAME --data_dir DIR
 
-- Embedded datasets (pystdlib, mqar, ...): generated into DIR as ArrayRecord. Runs do this on
-  first use; do it once beforehand for a bucket that several hosts read.
+- Embedded datasets (pystdlib, mqar, ...): generated into DIR as ArrayRecord (for a bucket, on
+  local disk first, then copied). Runs do this on first use; do it once beforehand for a bucket
+  that several hosts read.
 - A TFRecord preparation already in DIR (what `tfds build` writes by default, and what the public
   TFDS bucket gs://tfds-data/datasets holds): converted to ArrayRecord beside it, without
   TensorFlow. A TFRecord file is a sequence of (uint64 length, uint32 masked CRC32C of the length,

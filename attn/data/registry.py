@@ -176,10 +176,33 @@ def get_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuil
       builder = tfds.builder(full, data_dir=data_dir, file_format="array_record")
       if not builder.is_prepared():
         logging.info("Preparing embedded dataset %s in %s", full, data_dir)
-        builder.download_and_prepare(
-          download_config=tfds.download.DownloadConfig(try_download_gcs=False)
-        )
+        if storage.is_url(data_dir):
+          _prepare_and_upload(full, data_dir)
+        else:
+          _prepare(tfds.builder(full, data_dir=data_dir, file_format="array_record"))
+        builder = tfds.builder(full, data_dir=data_dir, file_format="array_record")
   return builder
+
+
+def _prepare(builder: tfds.core.DatasetBuilder) -> None:
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+
+
+def _prepare_and_upload(full: str, data_dir: str) -> None:
+  """Generates an embedded dataset on local disk, then copies it into the bucket: ArrayRecord's
+  writer opens only local files (it fails on a gs:// path)."""
+  digest = hashlib.sha1(data_dir.encode()).hexdigest()[:12]
+  local = os.path.join(default_local_cache(), ".staging", digest)
+  builder = tfds.builder(full, data_dir=local, file_format="array_record")
+  if not builder.is_prepared():
+    _prepare(builder)
+  files = []
+  for root, _, names in os.walk(os.path.join(local, full.split("/")[0])):
+    files += [os.path.relpath(os.path.join(root, n), local) for n in names]
+  # dataset_info.json last: TFDS counts a dataset as prepared once it exists.
+  for rel in sorted(files, key=lambda f: os.path.basename(f) == "dataset_info.json"):
+    with open(os.path.join(local, rel), "rb") as f:
+      storage.write_bytes_atomic(storage.join(data_dir, *rel.split(os.sep)), f.read())
 
 
 def prepare_command(full: str, data_dir: str) -> str:

@@ -109,3 +109,11 @@ def test_prepare_converts_in_a_bucket(tfrecord_dir, gcs):
   assert len(source) == len(valid)
   assert storage.exists(storage.join(os.fspath(registry.get_builder(NAME, url).data_dir),
                                      "dataset_info.json"))
+
+
+def test_an_embedded_dataset_is_generated_into_a_bucket(gcs, capsys):
+  url = gcs.url("tfds")
+  assert prepare.main([NAME, "--data_dir", url]) == 0
+  assert f"{NAME} is prepared in {url}/pystdlib/tiny/1.0.0" in capsys.readouterr().out
+  source = registry.open_source(NAME, "validation", url)
+  assert len(source) > 0 and source[0]["text"]
