@@ -13,7 +13,7 @@ launch.sweep (one `experiments.main` process per point, so the normal trainer), 
 
 - `results.json`: per claim its paper, band, status (pass / fail / incomplete), detail, every
   variant's mean / std / n per metric and the wall time; plus the git commit and package versions
-  (launch.provenance).
+  (attn.provenance).
 - `results.md`: the same as a table (mean ± std over seeds).
 - `<claim>.png`: one plot per claim (the claim's `plot(cells, path)`, else bars of its metric).
 
@@ -37,8 +37,8 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
 
-from attn import storage
-from launch import grid, provenance, report, sweep
+from attn import provenance, storage
+from launch import grid, report, sweep
 
 CLAIMS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reproductions")
 PASS, FAIL, INCOMPLETE = "pass", "fail", "incomplete"

@@ -49,11 +49,17 @@ class Checkpointer:
       cleanup_tmp_directories=not read_only, create=not read_only, read_only=read_only,
     )
     self.directory = _directory(workdir)
-    self.manager = ocp.CheckpointManager(
-      self.directory, options=options,
-      item_handlers={"state": ocp.StandardCheckpointHandler(),
-                     "data": grain.checkpoint.CheckpointHandler()},
-    )
+    # Which handler reads and writes each item, so that item_metadata() and restore() work
+    # before anything was saved in this process.
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    for item, handler, save, restore in [
+        ("state", ocp.StandardCheckpointHandler(), ocp.args.StandardSave, ocp.args.StandardRestore),
+        ("data", grain.checkpoint.CheckpointHandler(), grain.checkpoint.CheckpointSave,
+         grain.checkpoint.CheckpointRestore)]:
+      registry.add(item, save, handler)
+      registry.add(item, restore, handler)
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         handler_registry=registry)
 
   def latest_step(self) -> int | None:
     """The newest complete checkpoint's step."""

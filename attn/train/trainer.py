@@ -26,7 +26,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from attn import data as data_lib
-from attn import storage
+from attn import provenance, storage
 from attn.train import config as config_lib
 from attn.train import metrics as metrics_lib
 from attn.train import sharding as sharding_lib
@@ -377,6 +377,7 @@ def _summary(config: Any, workdir: str, *, state: state_lib.TrainState, model: n
     "devices": jax.device_count(),
     "processes": jax.process_count(),
     "config_hash": config_hash(config),
+    "provenance": provenance.provenance(),  # Package versions and git commit.
     "sample": sample,
     "config": _json_config(config),
   }

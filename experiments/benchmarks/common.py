@@ -10,6 +10,8 @@ from typing import Any
 import jax
 from absl import flags
 
+from attn import provenance
+
 RESULTS_DIR = pathlib.Path(__file__).parent / "results"
 
 OUT = flags.DEFINE_string("out", "", "JSON path (default: results/<benchmark>_<device>.json).")
@@ -21,7 +23,9 @@ def device_name() -> str:
 
 
 def write_json(result: dict[str, Any], prefix: str) -> pathlib.Path:
-  """Writes `result` to --out or results/<prefix>_<device>.json; returns the path."""
+  """Writes `result` (plus package versions and git commit) to --out or
+  results/<prefix>_<device>.json; returns the path."""
+  result = {**result, "provenance": provenance.provenance()}
   path = pathlib.Path(OUT.value or RESULTS_DIR / f"{prefix}_{device_name()}.json")
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(result, indent=1, default=float) + "\n")

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import jax
+
 from tests.train.conftest import CACHE_DIR, REPO
 
 
@@ -33,6 +35,7 @@ def test_default_experiment_trains_reports_and_resumes(data_dir, tmp_path):
   for key in ("metrics", "train_loss", "tokens_per_second", "mfu", "params_sha256", "config"):
     assert summary[key] is not None, key
   assert 0 < summary["mfu"] < 1 and "cpu: measured" in summary["mfu_basis"]
+  assert summary["provenance"]["versions"]["jax"] == jax.__version__
   # Untrained bytes: about ln(259) = 5.56 nats; a few steps already do better than uniform.
   assert 3.0 < summary["metrics"]["loss"] < 5.6
   assert summary["metrics"]["bits_per_byte"] > 0 and isinstance(summary["sample"], str)

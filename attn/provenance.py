@@ -1,5 +1,6 @@
 """What produced a result: the git commit (and whether the tree had uncommitted changes) and
-the versions of the packages that decide the numbers."""
+the versions of the packages that decide the numbers. Recorded in summary.json, benchmark JSON
+and reproduction results; with the lock files in requirements/ enough to rebuild the setup."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import subprocess
 from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The packages whose versions can change a measured number; accelerator plugins when present.
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "tensorflow-datasets",
-            "numpy", "ml-collections")
+            "numpy", "ml-collections", "jax-cuda12-plugin", "libtpu")
 
 
 def _git(*args: str) -> str | None:
