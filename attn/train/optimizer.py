@@ -18,40 +18,42 @@ import optax
 Schedule = Callable[[jax.Array], jax.Array]
 
 
-def _cosine(progress: jax.Array, end: float) -> jax.Array:
-  return end + (1.0 - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+def _inverse_sqrt(peak: float, warmup: int, decay: int, end: float) -> optax.Schedule:
+  # optax has none: 1/sqrt(step) after the warmup, continuous with it (Vaswani et al., 2017).
+  return optax.join_schedules(
+    [optax.linear_schedule(0.0, peak, warmup),
+     lambda t: peak * jax.lax.rsqrt(1.0 + t / max(warmup, 1))], [warmup])
 
 
-def _linear(progress: jax.Array, end: float) -> jax.Array:
-  return 1.0 - (1.0 - end) * progress
-
-
-# Each maps (steps after warmup, decay length, warmup length, end factor) -> lr multiplier.
-SCHEDULES: dict[str, Callable[..., jax.Array]] = {
-  "cosine": lambda t, decay, warmup, end: _cosine(jnp.clip(t / max(decay - warmup, 1), 0, 1), end),
-  "linear": lambda t, decay, warmup, end: _linear(jnp.clip(t / max(decay - warmup, 1), 0, 1), end),
-  # 1/sqrt(step), continuous with the warmup: equals 1 at its end (Vaswani et al., 2017).
-  "inverse_sqrt": lambda t, decay, warmup, end: jax.lax.rsqrt(1.0 + t / max(warmup, 1)),
-  "constant": lambda t, decay, warmup, end: jnp.ones_like(t),
+# Each maps (peak lr, warmup steps, decay steps, end factor) to an optax schedule of the number of
+# updates done: a linear warmup from 0 to the peak over `warmup`, then the named decay reaching
+# `end * peak` at `decay` (cosine, linear) or going on forever (inverse_sqrt, constant).
+SCHEDULES: dict[str, Callable[[float, int, int, float], optax.Schedule]] = {
+  "cosine": lambda peak, warmup, decay, end: optax.warmup_cosine_decay_schedule(
+    0.0, peak, warmup, decay, end * peak),
+  "linear": lambda peak, warmup, decay, end: optax.join_schedules(
+    [optax.linear_schedule(0.0, peak, warmup),
+     optax.linear_schedule(peak, end * peak, decay - warmup)], [warmup]),
+  "inverse_sqrt": _inverse_sqrt,
+  "constant": lambda peak, warmup, decay, end: optax.join_schedules(
+    [optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak)], [warmup]),
 }
 
 
 def make_schedule(cfg: Any, num_steps: int) -> Schedule:
-  """Linear warmup from 0 to `learning_rate` over `warmup_steps`, then `schedule`."""
-  peak = float(cfg.learning_rate)
+  """Linear warmup from 0 to `learning_rate` over `warmup_steps`, then `schedule`.
+
+  The update at step s (0-based) is the (s + 1)-th, so it gets the optax schedule's value at
+  s + 1: the first update already has lr > 0, the peak is reached once, at step warmup - 1, and
+  the last step of the decay (decay_steps - 1, by default the run's last) gets the end value.
+  """
   warmup = int(cfg.warmup_steps)
   decay = int(cfg.decay_steps) if cfg.get("decay_steps") is not None else int(num_steps)
-  end = float(cfg.end_lr_factor)
-  after = SCHEDULES[cfg.schedule]
-
-  def schedule(step: jax.Array) -> jax.Array:
-    step = jnp.asarray(step, jnp.float32)
-    # The first update (step 0) already gets lr > 0: a warmup of w steps reaches the peak at w-1.
-    warm = (step + 1.0) / warmup if warmup > 0 else jnp.ones_like(step)
-    rest = after(jnp.maximum(step - warmup, 0.0), decay, warmup, end)
-    return peak * jnp.where(step < warmup, warm, rest)
-
-  return schedule
+  # At least one decay step (optax's cosine refuses none): warmup == decay ends on the end value.
+  decay = max(decay, warmup + 1)
+  schedule = SCHEDULES[cfg.schedule](float(cfg.learning_rate), warmup, decay,
+                                     float(cfg.end_lr_factor))
+  return lambda step: schedule(jnp.asarray(step, jnp.int32) + 1)
 
 
 def decay_mask(params: Any) -> Any:

@@ -162,6 +162,7 @@ def test_batchnorm_no_mask_and_all_padding():
   # A batch of padding only is no evidence: the running averages stay put (and stay finite).
   out, upd = _train_step(module, variables, x, np.zeros((B, T), bool))
   jax.tree.map(np.testing.assert_array_equal, upd["batch_stats"], variables["batch_stats"])
+  assert set(upd["batch_stats"]) == {"mean", "var"}  # The names old checkpoints hold.
   assert np.all(np.isfinite(out))
   with pytest.raises(ValueError, match="mask shape"):
     _train_step(module, variables, x, np.ones((B, T + 1), bool))

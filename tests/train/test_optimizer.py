@@ -18,26 +18,51 @@ def _optim(**overrides) -> ml_collections.ConfigDict:
   return cfg
 
 
-def test_warmup_then_cosine_values():
+def _numpy_schedule(name, step, *, warmup, decay, end):
+  """Float64 reference: lr / peak for the update at `step` (the (step+1)-th update)."""
+  u = step + 1.0
+  if u < warmup:
+    return u / warmup
+  t = u - warmup
+  if name == "cosine":
+    return end + (1 - end) * 0.5 * (1 + np.cos(np.pi * min(t / (decay - warmup), 1.0)))
+  if name == "linear":
+    return 1.0 - (1 - end) * min(t / (decay - warmup), 1.0)
+  if name == "inverse_sqrt":
+    return 1.0 / np.sqrt(1.0 + t / max(warmup, 1))
+  return 1.0
+
+
+@pytest.mark.parametrize("name", ["cosine", "linear", "inverse_sqrt", "constant"])
+@pytest.mark.parametrize("warmup", [0, 1, 4])
+def test_schedules_at_every_step(name, warmup):
+  decay = 14
+  schedule = optimizer.make_schedule(_optim(learning_rate=2.0, warmup_steps=warmup, schedule=name,
+                                            end_lr_factor=0.1), num_steps=decay)
+  got = np.array([float(schedule(s)) for s in range(decay + 3)])
+  want = 2.0 * np.array([_numpy_schedule(name, s, warmup=warmup, decay=decay, end=0.1)
+                         for s in range(decay + 3)])
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+  if warmup:  # The peak is reached once, at the warmup's last step; never held.
+    assert got[warmup - 1] == pytest.approx(2.0) and got.argmax() == warmup - 1
+    assert name == "constant" or got[warmup] < 2.0
+  if name in ("cosine", "linear"):  # The run's last step gets the end value.
+    assert got[decay - 1] == pytest.approx(0.2) and got[decay - 2] > 0.2
+
+
+def test_cosine_is_optaxs_schedule_one_update_later():
   schedule = optimizer.make_schedule(_optim(learning_rate=1.0, warmup_steps=4,
                                             end_lr_factor=0.1), num_steps=14)
-  got = np.array([float(schedule(s)) for s in range(16)])
-  warm = np.array([1, 2, 3, 4]) / 4
-  progress = np.minimum(np.arange(12) / 10, 1.0)
-  cos = 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * progress))
-  np.testing.assert_allclose(got, np.concatenate([warm, cos]), rtol=1e-6, atol=1e-7)
+  reference = optax.warmup_cosine_decay_schedule(0.0, 1.0, 4, 14, 0.1)
+  for step in range(16):
+    assert float(schedule(step)) == pytest.approx(float(reference(step + 1)), rel=1e-6, abs=1e-7)
 
 
-@pytest.mark.parametrize("name,expected", [
-  ("linear", lambda s: 1.0 - 0.5 * min(s / 10, 1.0)),
-  ("inverse_sqrt", lambda s: 1.0 / np.sqrt(1.0 + s / 1)),
-  ("constant", lambda s: 1.0),
-])
-def test_zero_warmup_schedules(name, expected):
-  schedule = optimizer.make_schedule(_optim(learning_rate=2.0, warmup_steps=0, schedule=name,
-                                            end_lr_factor=0.5), num_steps=10)
-  for step in (0, 1, 5, 10, 20):
-    assert float(schedule(step)) == pytest.approx(2.0 * expected(step), rel=1e-6)
+def test_warmup_as_long_as_the_decay_ends_on_the_end_value():
+  schedule = optimizer.make_schedule(_optim(learning_rate=1.0, warmup_steps=4,
+                                            end_lr_factor=0.1), num_steps=4)
+  got = [float(schedule(s)) for s in range(5)]
+  np.testing.assert_allclose(got, [0.25, 0.5, 0.75, 1.0, 0.1], rtol=1e-6)
 
 
 def test_decay_mask_skips_norms_biases_and_scanned_scales():
