@@ -21,6 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from attn.errors import check_choice
+
 __all__ = ["FFN_KINDS", "FeedForward"]
 
 Dtype = jnp.dtype | type
@@ -66,10 +68,7 @@ class FeedForward(nn.Module):
 
   def __post_init__(self) -> None:
     # Fail at construction, where the config is built, rather than at the first trace.
-    if self.kind not in FFN_KINDS:
-      raise ValueError(
-        f"Unknown feed-forward kind {self.kind!r}; valid kinds: {', '.join(sorted(FFN_KINDS))}."
-      )
+    check_choice("model.ffn", self.kind, FFN_KINDS)
     super().__post_init__()
 
   def _dense(self, features: int, axes: tuple[str, str], name: str) -> nn.Dense:

@@ -24,6 +24,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from attn.errors import check_choice
+
 __all__ = ["NORMS", "BatchNorm", "LayerNorm", "RMSNorm", "make_norm"]
 
 # Scale and bias carry the logical axis "embed", as every other parameter of the model does.
@@ -136,6 +138,5 @@ NORMS: dict[str, type[nn.Module]] = {
 
 def make_norm(kind: str, **kwargs: Any) -> nn.Module:
   """Builds the norm named `kind` (a key of NORMS) with the given attributes."""
-  if kind not in NORMS:
-    raise ValueError(f"Unknown norm kind {kind!r}; valid kinds: {', '.join(sorted(NORMS))}.")
+  check_choice("model.norm", kind, NORMS)
   return NORMS[kind](**kwargs)

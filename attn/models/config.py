@@ -15,7 +15,7 @@ import ml_collections
 from flax.core import FrozenDict
 from ml_collections import config_dict
 
-from attn.errors import ConfigError
+from attn.errors import ConfigError, check_choice
 from attn.layers import registry
 from attn.layers.feedforward import FFN_KINDS
 from attn.layers.norms import NORMS
@@ -189,8 +189,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-  if value not in allowed:
-    raise ValueError(f"model.{name}={value!r} is not one of {list(allowed)}.")
+  check_choice(f"model.{name}", value, allowed)
 
 
 def _check_positive(name: str, value: Any) -> None:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attn.ops import masks as masks_lib
-from attn.ops.attention import dot_product_attention
+from attn.ops.attention import _group, dot_product_attention
 
 Array = jax.Array
 
@@ -112,28 +112,19 @@ def _unit(x: Array, eps: float) -> Array:
 
 
 def _grouped_logits(query: Array, key: Array, scale: float | None) -> Array:
-  """float32 logits `[B, K, G, T, S]`; K/V heads are shared, never repeated."""
+  """float32 logits `[B, K, T, G, S]` (the xla path's layout, so `_group` serves both); K/V
+  heads are shared, never repeated."""
   batch, q_len, num_heads, head_dim = query.shape
   num_kv_heads = key.shape[2]
   scale = head_dim**-0.5 if scale is None else scale
   q = query.reshape(batch, q_len, num_kv_heads, num_heads // num_kv_heads, head_dim)
-  return jnp.einsum("btkgh,bskh->bkgts", q, key, preferred_element_type=_F32) * _F32(scale)
-
-
-def _group(x: Array | None, num_kv_heads: int) -> Array | None:
-  """A `[b, n, T, S]` mask or bias as `[b, K or 1, G or 1, T, S]`."""
-  if x is None:
-    return None
-  b, n, t, s = x.shape
-  if n == 1:
-    return x[:, :, None]
-  return x.reshape(b, num_kv_heads, n // num_kv_heads, t, s)
+  return jnp.einsum("btkgh,bskh->bktgs", q, key, preferred_element_type=_F32) * _F32(scale)
 
 
 def _weighted_values(weights: Array, value: Array, out_dtype) -> Array:
-  """`[B, K, G, T, S]` weights times `[B, S, K, Hv]` values -> `[B, T, N, Hv]`."""
-  batch, heads, groups, q_len, _ = weights.shape
-  out = jnp.einsum("bkgts,bskh->btkgh", weights.astype(value.dtype), value,
+  """`[B, K, T, G, S]` weights times `[B, S, K, Hv]` values -> `[B, T, N, Hv]`."""
+  batch, heads, q_len, groups, _ = weights.shape
+  out = jnp.einsum("bktgs,bskh->btkgh", weights.astype(value.dtype), value,
                    preferred_element_type=_F32)
   return out.reshape(batch, q_len, heads * groups, value.shape[-1]).astype(out_dtype)
 
@@ -226,7 +217,7 @@ def sink_attention(
   if grouped_mask is not None:
     logits = jnp.where(grouped_mask, logits, masks_lib.large_negative(_F32))
   sink = jnp.broadcast_to(jnp.asarray(sink_logits, _F32), (num_heads,))
-  sink = sink.reshape(1, num_kv_heads, num_heads // num_kv_heads, 1, 1)
+  sink = sink.reshape(1, num_kv_heads, 1, num_heads // num_kv_heads, 1)
   row_max = jnp.maximum(jnp.max(logits, axis=-1, keepdims=True), sink)
   row_max = jax.lax.stop_gradient(row_max)  # any constant works; it only guards exp's range
   # row_max >= the finite sink, so a masked logit's exp underflows to exactly 0: a fully masked

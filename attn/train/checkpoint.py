@@ -130,7 +130,7 @@ def _is_array_metadata(x: Any) -> bool:
 
 
 def _name(path: tuple[Any, ...]) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+  return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def load_params(workdir: str, step: int | None = None, *,

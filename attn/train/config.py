@@ -14,7 +14,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from attn import data as data_lib
-from attn.errors import ConfigError
+from attn.errors import ConfigError, check_choice
 
 SECTIONS = ("model", "data", "optim", "train", "mesh")
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -129,11 +129,6 @@ def _check_section(name: str, section: Any, defaults: ml_collections.ConfigDict)
       raise ConfigError(f"config.{name}.{key} must be a string, got {value!r}.")
 
 
-def _choice(field: str, value: Any, allowed: tuple[str, ...]) -> None:
-  if value not in allowed:
-    raise ConfigError(f"config.{field}={value!r} is not one of {list(allowed)}.")
-
-
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks everything that does not need devices or data; raises ConfigError."""
   from attn.train import optimizer  # Lists of valid names live beside their implementations.
@@ -153,8 +148,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_section("mesh", config.mesh, mesh_config())
 
   o, t = config.optim, config.train
-  _choice("optim.name", o.name, tuple(optimizer.OPTIMIZERS))
-  _choice("optim.schedule", o.schedule, tuple(optimizer.SCHEDULES))
+  check_choice("config.optim.name", o.name, optimizer.OPTIMIZERS)
+  check_choice("config.optim.schedule", o.schedule, optimizer.SCHEDULES)
   if o.learning_rate < 0:
     raise ConfigError(f"config.optim.learning_rate must be >= 0, got {o.learning_rate}.")
   if o.warmup_steps < 0:
@@ -175,7 +170,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if t.batch_size % t.grad_accum_steps:
     raise ConfigError(f"config.train.batch_size ({t.batch_size}) must be divisible by "
                       f"config.train.grad_accum_steps ({t.grad_accum_steps}).")
-  _choice("train.best_mode", t.best_mode, ("min", "max"))
+  check_choice("config.train.best_mode", t.best_mode, ("min", "max"))
 
   sizes = [config.mesh[a] for a in MESH_AXES]
   if sum(s == -1 for s in sizes) > 1:

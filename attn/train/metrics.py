@@ -175,10 +175,6 @@ def params_sha256(params: Any) -> str:
   return digest.hexdigest()
 
 
-def count_params(params: Any) -> int:
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
-
-
 def measure_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
   """This host's float32 matmul FLOP/s on the first device (the CPU 'peak' for MFU)."""
   x = jax.device_put(jnp.ones((n, n), jnp.float32), jax.local_devices()[0])

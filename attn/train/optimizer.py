@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from attn.errors import check_choice
+
 Schedule = Callable[[jax.Array], jax.Array]
 
 
@@ -63,7 +65,7 @@ def decay_mask(params: Any) -> Any:
   """
 
   def keep(path: tuple[Any, ...], leaf: Any) -> bool:
-    names = [str(getattr(k, "key", getattr(k, "name", k))).lower() for k in path]
+    names = [jax.tree_util.keystr((k,), simple=True).lower() for k in path]
     if names and names[-1] in ("bias", "scale", "embedding_bias"):
       return False
     if any("norm" in n for n in names):
@@ -107,11 +109,8 @@ OPTIMIZERS: dict[str, Callable[[Any, Schedule], optax.GradientTransformation]] =
 
 def make_optimizer(cfg: Any, *, num_steps: int) -> tuple[optax.GradientTransformation, Schedule]:
   """The optax transformation and its schedule for `config.optim`."""
-  if cfg.name not in OPTIMIZERS:
-    raise ValueError(
-      f"Unknown optimizer config.optim.name={cfg.name!r}; known: {list(OPTIMIZERS)}.")
-  if cfg.schedule not in SCHEDULES:
-    raise ValueError(f"Unknown config.optim.schedule={cfg.schedule!r}; known: {list(SCHEDULES)}.")
+  check_choice("config.optim.name", cfg.name, OPTIMIZERS)
+  check_choice("config.optim.schedule", cfg.schedule, SCHEDULES)
   schedule = make_schedule(cfg, num_steps)
   tx = OPTIMIZERS[cfg.name](cfg, schedule)
   if cfg.clip_norm:

@@ -91,7 +91,7 @@ def logical_shardings(boxed_tree: Any, mesh: Mesh, axis_rules: Any) -> Any:
 
 
 def _path_key(path: tuple[Any, ...]) -> tuple[str, ...]:
-  return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+  return tuple(jax.tree_util.keystr((k,), simple=True) for k in path)
 
 
 def match_param_shardings(tree: Any, params: Any, param_shardings: Any, mesh: Mesh) -> Any:

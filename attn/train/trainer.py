@@ -255,7 +255,9 @@ def _loop(config: Any, workdir: str, *, model: nn.Module, model_cfg: Any, task: 
   is_main = jax.process_index() == 0
   batch_sharding = sharding_lib.batch_sharding(mesh)
   start_step = step
-  num_params = metrics_lib.count_params(abstract.params)
+  from attn.models import count_params  # The one implementation; attn.models is loaded by now.
+
+  num_params = count_params(abstract.params)
   flops_per_step = metrics_lib.model_flops_per_step(num_params, model_cfg, info, t.batch_size)
   length = info.seq_len if info.task != "seq2seq" else info.seq_len + info.target_len
   tokens_per_step = t.batch_size * (length if info.task != "vision" else 1)

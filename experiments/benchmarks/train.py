@@ -216,7 +216,7 @@ def setup(config: ml_collections.ConfigDict) -> dict[str, Any]:
   tx, schedule = make_optimizer(config.optim, num_steps=config.train.num_steps)
   batch = jax.device_put(next(iter(train_iter)))
   init = state_lib.make_init_fn(model, task, tx, batch_size)
-  num_params = metrics_lib.count_params(jax.eval_shape(init, jnp.uint32(0)).params)
+  num_params = models.count_params(jax.eval_shape(init, jnp.uint32(0)).params)
   return {
       "model_cfg": model_cfg, "info": info, "task": task, "model": model, "tx": tx,
       "schedule": schedule, "batch": batch, "init": jax.jit(init), "num_params": num_params,
