@@ -153,9 +153,9 @@ def _plot(module: ModuleType, cells: Cells, claim_dir: str, path: str) -> bool:
   if hasattr(module, "plot"):
     fig = module.plot(cells)
   else:
-    from attn import viz_runs
+    from attn import viz
 
-    fig = viz_runs.ablation_bars(storage.join(claim_dir, "results.csv"), module.SWEEP_METRIC,
+    fig = viz.ablation_bars(storage.join(claim_dir, "results.csv"), module.SWEEP_METRIC,
                                  by="variant", title=getattr(module, "TITLE", None))
   storage.save_figure(fig, path, dpi=110)
   return True

@@ -184,72 +184,31 @@ def markdown(variants: Sequence[VariantStats], results: Sequence[RunResult],
   return "\n".join(lines) + "\n"
 
 
-def plot_final(variants: Sequence[VariantStats], metric: str, path: str) -> bool:
-  """A horizontal bar per variant: the mean with a std error bar. False if nothing to plot."""
-  shown = [v for v in variants if v.stats.get(metric, (0, None, 0))[2]]
-  if not shown:
+def plot_final(results: Sequence[RunResult], metric: str, path: str) -> bool:
+  """attn.viz.ablation_bars of the runs: a bar per variant, mean and std over its seeds,
+  best first. False if no run has the metric."""
+  rows = [{"variant": r.variant, metric: r.metrics.get(metric)} for r in results]
+  if not any(isinstance(r[metric], (int, float)) and math.isfinite(r[metric]) for r in rows):
     return False
-  import matplotlib
+  from attn import viz  # Deferred: matplotlib only when plotting.
 
-  matplotlib.use("Agg")  # Files only; no display on a VM or in CI.
-  import matplotlib.pyplot as plt
-
-  fig, ax = plt.subplots(figsize=(7, 0.45 * len(shown) + 1.5))
-  means = [v.stats[metric][0] for v in shown]
-  errors = [v.stats[metric][1] or 0.0 for v in shown]
-  ax.barh(range(len(shown)), means, xerr=errors, capsize=3, color="tab:blue", alpha=0.8)
-  ax.set_yticks(range(len(shown)), [v.variant for v in shown], fontsize=8)
-  ax.invert_yaxis()
-  ax.set_xlabel(f"eval {metric} ({direction(metric)} is better; mean ± std over seeds)")
-  fig.tight_layout()
+  fig = viz.ablation_bars(rows, metric, by="variant", sort=True,
+                          lower_is_better=direction(metric) == "min")
   storage.save_figure(fig, path, dpi=120)
-  plt.close(fig)
   return True
 
 
-def _curve(workdir: str, run: str, split: str, metric: str) -> dict[int, float]:
-  path = storage.join(workdir, run, "metrics.jsonl")
-  if not storage.exists(path):
-    return {}
-  records = [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
-  return {r["step"]: r[metric] for r in records
-          if r.get("split") == split and isinstance(r.get(metric), (int, float))}
-
-
 def plot_curves(workdir: str, results: Sequence[RunResult], metric: str, path: str) -> bool:
-  """Train loss and eval `metric` against the step, one line per variant (mean over seeds at
-  the steps every seed logged). False if no run logged anything."""
-  import matplotlib
+  """attn.viz.learning_curves of every run that logged metrics: loss and `metric`, train
+  solid, eval dashed. False if no run logged anything."""
+  from attn import viz
 
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-  drawn = False
-  variants = list(dict.fromkeys(r.variant for r in results))
-  for (split, name), ax in zip((("train", "loss"), ("eval", metric)), axes, strict=True):
-    for variant in variants:
-      curves = [_curve(workdir, r.name, split, name) for r in results
-                if r.variant == variant and r.status in ("done", "interrupted")]
-      curves = [c for c in curves if c]
-      if not curves:
-        continue
-      steps = sorted(set.intersection(*(set(c) for c in curves)))
-      if not steps:
-        continue
-      ax.plot(steps, [statistics.fmean(c[s] for c in curves) for s in steps],
-              marker="." if len(steps) < 20 else None, label=variant)
-      drawn = True
-    ax.set_xlabel("step")
-    ax.set_ylabel(f"{split} {name}")
-    ax.grid(alpha=0.3)
-  if not drawn:
-    plt.close(fig)
+  runs = {r.name: storage.join(workdir, r.name) for r in results
+          if storage.exists(storage.join(workdir, r.name, viz.runs.METRICS_FILE))}
+  if not runs:
     return False
-  axes[0].legend(fontsize=7)
-  fig.tight_layout()
+  fig = viz.learning_curves(runs, list(dict.fromkeys(["loss", metric])))
   storage.save_figure(fig, path, dpi=120)
-  plt.close(fig)
   return True
 
 
@@ -266,7 +225,7 @@ def write_report(workdir: str, metric: str | None = None) -> str:
   write_csv(results, metrics, storage.join(workdir, "results.csv"))
   text = markdown(variants, results, metrics, primary, f"Sweep results: {plan.get('config')}")
   written = ["results.csv", "results.md"]
-  if plot_final(variants, primary, storage.join(workdir, f"final_{primary}.png")):
+  if plot_final(results, primary, storage.join(workdir, f"final_{primary}.png")):
     written.append(f"final_{primary}.png")
   if plot_curves(workdir, results, primary, storage.join(workdir, f"curves_{primary}.png")):
     written.append(f"curves_{primary}.png")

@@ -20,7 +20,6 @@ from typing import Any
 
 import grain
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
@@ -154,8 +153,3 @@ def load_params(workdir: str, step: int | None = None, *,
     return restored["params"]
   finally:
     ckpt.close()
-
-
-def params_to_numpy(params: Any) -> Any:
-  """A host copy (for hashing and comparisons)."""
-  return jax.tree.map(np.asarray, jax.device_get(params))

@@ -62,9 +62,9 @@ def check(cells) -> tuple[str, str]:
 
 def plot(cells):
   """Accuracy vs sequence length, one line per mechanism (the paper plots vs width too)."""
-  from attn import viz_runs
+  from attn import viz
 
-  fig = viz_runs.new_figure(4.5, 3.4)
+  fig = viz.new_figure(4.5, 3.4)
   ax = fig.subplots()
   for attention in ("mha", "linear", "local"):
     ys = [cells.mean("accuracy", attention=attention, data=d) for d in LENGTHS]

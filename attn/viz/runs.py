@@ -1,7 +1,7 @@
 """Figures of finished runs: learning curves from metrics.jsonl, ablation bars from results.csv.
 
-Only the standard library and matplotlib: these read files that a run or a sweep wrote, so a
-notebook can plot a TPU sweep's results without JAX doing anything.
+Only the standard library, NumPy and matplotlib: these read files that a run or a sweep wrote,
+so a notebook can plot a TPU sweep's results without running any JAX computation.
 """
 
 from __future__ import annotations

@@ -1,15 +1,5 @@
 """Attention-map figures: per-head grids, cross-attention alignments, ViT rollout, and a PNG.
 
-    weights = viz.capture_attention(model, params, tokens)        # {path: [B, N, T, S]}
-    fig = viz.attention_grid(viz.stack_layers(weights), viz.token_labels(ids, tokenizer))
-    fig.savefig("maps.png")
-
-Figures are `matplotlib.figure.Figure` objects drawn on the Agg canvas, not through pyplot: no
-window opens, nothing global changes (a notebook keeps its own backend and shows a returned
-figure as usual), and figures are freed with their last reference. Learning curves and ablation
-bars are in `attn.viz_runs`, capture and rollout math in `attn.viz_capture`; both are
-re-exported here.
-
 Shapes: L layers, B batch, N heads, T query length, S key length.
 """
 
@@ -25,36 +15,13 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from attn import storage
-from attn.viz_capture import attention_rollout, capture_attention, stack_layers
-from attn.viz_runs import (
-    ablation_bars,
-    learning_curves,
-    new_figure,
-    read_metrics,
-    read_results,
-)
+from attn.viz.capture import attention_rollout, capture_attention, stack_layers
+from attn.viz.runs import new_figure
 
 # Past this many tokens an axis labels every k-th token only: below it every label stays legible.
 MAX_LABELS = 64
 _SPECIAL = {0: "<pad>", 1: "<s>", 2: "</s>"}  # the attn.data id convention
 _VISIBLE = {" ": "\u2423", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
-
-__all__ = [
-    "ablation_bars",
-    "attention_grid",
-    "attention_rollout",
-    "capture_attention",
-    "cross_attention_figure",
-    "learning_curves",
-    "new_figure",
-    "patch_relevance",
-    "read_metrics",
-    "read_results",
-    "save_attention_png",
-    "stack_layers",
-    "token_labels",
-    "vit_rollout_figure",
-]
 
 
 def token_labels(ids: Sequence[int] | np.ndarray, tokenizer: Any = None) -> list[str]:
