@@ -216,14 +216,20 @@ def run_claim(name: str, path: str, workdir: str, *, seeds: int | None, parallel
   claim_dir = storage.join(workdir, name)
   runs = sweep.plan(path, seeds=seeds)
   sweep.write_plan(claim_dir, path, runs, module.SWEEP_METRIC)
-  start = time.monotonic()
-  outcome = sweep.execute(path, claim_dir, runs, parallel=parallel, extra=extra, timeout=timeout,
-                          echo=lambda line: print(f"[{name}] {line}", flush=True))
-  times = storage.join(claim_dir, TIMES_FILE)
-  spent = json.loads(storage.read_text(times))["wall_s"] if storage.exists(times) else 0.0
-  if any(state != "skipped" for state in outcome.values()):
-    spent += time.monotonic() - start
-  storage.write_text_atomic(times, json.dumps({"wall_s": round(spent, 1)}))
+  start, outcome = time.monotonic(), {}
+
+  def echo(line: str) -> None:
+    print(f"[{name}] {line}", flush=True)
+
+  try:
+    outcome = sweep.execute(path, claim_dir, runs, parallel=parallel, extra=extra,
+                            timeout=timeout, echo=echo)
+  finally:  # Also when stopped: the time spent so far counts.
+    times = storage.join(claim_dir, TIMES_FILE)
+    spent = json.loads(storage.read_text(times))["wall_s"] if storage.exists(times) else 0.0
+    if not outcome or any(state != "skipped" for state in outcome.values()):
+      spent += time.monotonic() - start
+    storage.write_text_atomic(times, json.dumps({"wall_s": round(spent, 1)}))
   return outcome
 
 

@@ -12,6 +12,12 @@ Budget:   the norm ablation's model (experiments/norm_ablation.py) at size `tiny
           d_model 64, LayerNorm) on pystdlib bytes, 300 steps of 16 x 128, AdamW peak lr 1e-2,
           cosine decay; warmup 25 steps (1/12 of the steps) or none. The paper trains 6-layer
           translation / BERT models for 100k+ steps.
+Found:    does not reproduce at this budget (1 seed, 2026-12-04): eval loss without warmup
+          Pre-LN 2.450, Post-LN 2.469 (gap 0.02 < 0.10); with warmup 2.467 / 2.441. At 2
+          layers Post-LN trains fine at lr 1e-2. The earlier norm sweep (README, size `small`,
+          4 layers, lr 3e-3, 150 steps) did show it: Post-LN without warmup 0.58 nats behind.
+          Depth is the likely missing ingredient (Xiong et al. use 6+ layers); the next run is
+          size=small at 3 seeds, which needs an unloaded machine (~25 min a run here).
 Command:  python -m experiments.reproduce --only prenorm_postnorm [--seeds 3]
 Hardware: a 2-core CPU: 4 runs of ~1-2 min each unloaded (estimate). The first attempt at size
           `small` ran at 0.2 steps/s on the loaded machine (25 min a run), so it was stopped

@@ -184,8 +184,18 @@ def test_other_bands():
   assert mech.check(rows({**good, "cosine": 2.5}))[0] == "fail"
 
 
+# Claims measured outside their band here (README "Reproductions", the files' `Found:`); they stay
+# in the suite so that a fix shows up as XPASS.
+MEASURED_OUTSIDE_BAND = {
+    "mqar_recall": "softmax reached 0.18 accuracy on mqar/l64 after 800 steps (band >= 0.95)",
+    "prenorm_postnorm": "at 2 layers Post-LN without warmup is only 0.02 nats behind Pre-LN",
+}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(reproduce.claim_files()))
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.xfail(reason=MEASURED_OUTSIDE_BAND[n], strict=False))
+    if n in MEASURED_OUTSIDE_BAND else n for n in reproduce.claim_files()])
 def test_claim_reproduces_at_its_smallest_setting(name, tmp_path, child_env):
   """The claim's own budget, 1 seed: inside its band (minutes to an hour on a 2-core CPU)."""
   workdir = str(tmp_path / "reproduce")
