@@ -44,7 +44,7 @@ LENGTH_OPTIONS: dict[str, float] = {
   "chunk_size": 1 / 4,  # chunked (a compute chunk for linear / performer: any size is exact)
   "block_size": 1 / 8,  # bigbird
   "projected_length": 1 / 4,  # linformer
-  "max_length": 1.0,  # linformer: the longest key length it projects
+  "max_length": 2.0,  # linformer: the longest key length it projects (room for a [CLS])
 }
 
 

@@ -86,3 +86,11 @@ def test_config_is_frozen_and_hashable():
   with pytest.raises(dataclasses.FrozenInstanceError):
     config.d_model = 3  # type: ignore[misc]
   assert hash(config) == hash(ModelConfig())
+
+
+def test_attention_options_are_sweep_axes():
+  from attn import train
+  from launch import grid
+
+  points = grid.grid({"model.attention_options.window": [16, 64]})
+  grid.check_points(points, train.default_config())  # a config field, so a valid sweep axis
