@@ -141,16 +141,9 @@ class MultiHeadAttention(nn.Module):
       query = _head_rms_norm(self.param_dtype, "query_norm")(query)
       key = _head_rms_norm(self.param_dtype, "key_norm")(key)
 
-    cache_index = None
-    if self.decode and self_attention and self.has_variable("cache", "cache_index"):
-      cache_index = self.get_variable("cache", "cache_index")
     if self.rope_base is not None:
-      if q_positions is None:
-        start = 0 if cache_index is None else cache_index
-        q_positions = jnp.broadcast_to(start + jnp.arange(query.shape[1]), query.shape[:2])
-      if kv_positions is None:
-        kv_positions = q_positions if self_attention else jnp.broadcast_to(
-            jnp.arange(key.shape[1]), key.shape[:2])
+      q_positions, kv_positions = self._rope_positions(query, key, q_positions, kv_positions,
+                                                       self_attention)
       query = positions_lib.apply_rope(query, q_positions, base=self.rope_base,
                                        fraction=self.rope_fraction)
       key = positions_lib.apply_rope(key, kv_positions, base=self.rope_base,
@@ -210,6 +203,20 @@ class MultiHeadAttention(nn.Module):
           f"record_weights: attention={self.attention!r} has no attention map to record; "
           f"mechanisms with maps: {registry.supporting('weights')}.")
     return mechanism
+
+  def _rope_positions(self, query: Array, key: Array, q_positions: Array | None,
+                      kv_positions: Array | None, self_attention: bool) -> tuple[Array, Array]:
+    """The positions RoPE uses: as given, else 0..T-1 (from the cache index when decoding);
+    the keys' default to the queries' in self-attention."""
+    if q_positions is None:
+      start = 0
+      if self.decode and self_attention and self.has_variable("cache", "cache_index"):
+        start = self.get_variable("cache", "cache_index")
+      q_positions = jnp.broadcast_to(start + jnp.arange(query.shape[1]), query.shape[:2])
+    if kv_positions is None:
+      kv_positions = q_positions if self_attention else jnp.broadcast_to(
+          jnp.arange(key.shape[1]), key.shape[:2])
+    return q_positions, kv_positions
 
   def _update_cache(self, key: Array, value: Array, mask: Array | None,
                     mask_kwargs: dict) -> tuple[Array, Array, Array | None, dict]:

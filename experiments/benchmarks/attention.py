@@ -19,7 +19,8 @@ the targets:
     (ratio <= 1.05) at every length, forward and forward+backward;
   - blockwise temporary memory at T=8192 is <= 1/8 of the xla path's, and grows <= 5x from
     T=4096 to T=16384 (forward+backward);
-  - the linear-time mechanisms take <= 5x the time when T grows 4x (forward+backward);
+  - the linear-time mechanisms (Gated DeltaNet's chunkwise form among them) take <= 5x the
+    time when T grows 4x from T >= 1024 (forward+backward);
   - from T = 2048 our fastest softmax path takes <= 0.5x jax.nn's forward+backward time, and
     reaches >= 35% of this host's measured float32 matmul rate (model FLOPs);
   - on an NVIDIA GPU, the cudnn path's forward reaches >= 400 TFLOP/s from T = 4096 (run it
@@ -42,7 +43,16 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from attn.ops import dot_product_attention, linear, sparse, variants
+from attn.ops import (
+    differential,
+    dot_product_attention,
+    gated,
+    gated_deltanet,
+    linear,
+    mla,
+    sparse,
+    variants,
+)
 from attn.train import metrics as metrics_lib
 from experiments.benchmarks import common
 
@@ -69,9 +79,13 @@ JAX_NN = "jax.nn.dot_product_attention"
 FLAX = "flax.linen.dot_product_attention"
 BLOCKWISE, XLA = "attn (blockwise)", "attn (xla)"
 # Mechanisms whose time and memory are linear in T (checked: T x4 -> time <= x5).
-LINEAR_TIME = ("linear (elu+1)", "performer (M=256)", "linformer (P=256, bidirectional)")
+GATED_DELTANET = "gated_deltanet (chunk 64, causal)"
+LINEAR_TIME = ("linear (elu+1)", "performer (M=256)", "linformer (P=256, bidirectional)",
+               GATED_DELTANET)
 # Paths that materialize a T x S array; skipped past --max_quadratic_length.
-QUADRATIC = (JAX_NN, FLAX, XLA, "sigmoid", "sinks", "bigbird (dense mask)")
+QUADRATIC = (JAX_NN, FLAX, XLA, "sigmoid", "sinks", "bigbird (dense mask)",
+             "differential (N/2 heads of 2 maps)", "gated (elementwise)", "mla (expanded)",
+             "mla (absorbed)")
 
 
 def implementations(causal: bool, length: int, head_dim: int) -> dict[str, Callable]:
@@ -110,12 +124,53 @@ def implementations(causal: bool, length: int, head_dim: int) -> dict[str, Calla
       "bigbird (dense mask)": lambda q, k, v: dot_product_attention(q, k, v, mask=bigbird,
                                                                     is_causal=causal),
   })
+  impls.update(new_mechanisms(causal))
   keep = {name: fn for name, fn in impls.items()
           if name in (OURS, JAX_NN) or not _IMPLS.value
           or any(part in name for part in _IMPLS.value)}
   if length > _MAX_QUADRATIC.value:
     keep = {name: fn for name, fn in keep.items() if name not in QUADRATIC}
   return keep
+
+
+def new_mechanisms(causal: bool) -> dict[str, Callable]:
+  """Gated DeltaNet, differential, gated and MLA attention at the same q, k, v sizes.
+
+  Gated DeltaNet is always causal (a recurrence); its decay and write strength are constants
+  (their cost is the layer's projections, not the op's). Differential attention splits the
+  heads in pairs (N/2 heads of two maps and a 2H value, as the paper matches parameters); the
+  gate is computed from the queries; MLA's latent is the first key head (Dc = H), its rotary
+  part 16 channels of the first value head, with fixed random up-projections.
+  """
+
+  def deltanet(q, k, v):
+    beta = jnp.full(q.shape[:3], 0.5, jnp.float32)
+    return gated_deltanet.gated_delta_rule(q, k, v, beta, jnp.full_like(beta, -0.05),
+                                           chunk_size=64, scale=q.shape[-1]**-0.5)
+
+  def diff(q, k, v):
+    b, t, n, h = q.shape
+    s, kv = k.shape[1], k.shape[2]
+    out = differential.differential_attention(
+        q.reshape(b, t, n // 2, 2, h), k.reshape(b, s, kv // 2, 2, h),
+        v.reshape(b, s, kv // 2, 2 * h), 0.5, lambda_init=0.5, is_causal=causal)
+    return out.reshape(b, t, n, h)
+
+  def latent(q, k, v, absorb):
+    heads, dim = q.shape[2], q.shape[3]
+    w_uk, w_uv = (jax.random.normal(jax.random.key(i), (dim, heads, dim), q.dtype) * dim**-0.5
+                  for i in (2, 3))
+    return mla.mla_attention(q[..., :-16], q[..., -16:], k[:, :, 0], v[:, :, 0, :16],
+                             w_uk[..., :-16], w_uv, absorb=absorb, is_causal=causal)
+
+  return {
+      GATED_DELTANET: deltanet,
+      "differential (N/2 heads of 2 maps)": diff,
+      "gated (elementwise)": lambda q, k, v: gated.gated_attention(q, k, v, q,
+                                                                   is_causal=causal),
+      "mla (expanded)": lambda q, k, v: latent(q, k, v, absorb=False),
+      "mla (absorbed)": lambda q, k, v: latent(q, k, v, absorb=True),
+  }
 
 
 def _available() -> tuple[str, ...]:
