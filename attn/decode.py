@@ -72,11 +72,11 @@ def _decoder_setup(model: nn.Module, params: Any, tokens: Array, bos_id: int, pa
 
 def _check_length(model: nn.Module, prompt_len: int, max_new_tokens: int) -> None:
   """The model's mechanism decodes (registry) and prompt + new tokens fit the cache."""
-  entry = registry.get(model.config.attention)
-  if entry.decoding is None:
-    raise ConfigError(
-        f"model.attention={entry.name!r} cannot decode (no KV cache or recurrent state in its "
-        f"registry entry); mechanisms that decode: {registry.supporting('decoding')}.")
+  for name in model.config.mechanisms:
+    if registry.get(name).decoding is None:
+      raise ConfigError(
+          f"model.attention={name!r} cannot decode (no KV cache or recurrent state in its "
+          f"registry entry); mechanisms that decode: {registry.supporting('decoding')}.")
   if prompt_len + max_new_tokens > model.config.max_len:
     raise ValueError(
         f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} exceeds the KV cache "

@@ -180,11 +180,18 @@ class MultiHeadAttention(nn.Module):
     if self.record_weights:
       self.sow("intermediates", "attention_weights", weights)
 
+    out = self._before_output(out, inputs_q)
     out = Projection(features=(self.out_features or features,), in_dims=2,
                      kernel_axes=("heads", "head_dim", "embed"), use_bias=self.use_bias,
                      dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=self.kernel_init,
                      bias_init=self.bias_init, name="out")(out)
     return nn.with_logical_constraint(out, ("batch", "length", "embed"))
+
+  def _before_output(self, out: Array, inputs_q: Array) -> Array:
+    """The head outputs `[B, T, N, Hv]` before the output projection; a layer-level subclass
+    may transform them from the layer's input (gated attention gates them)."""
+    del inputs_q
+    return out
 
   def _mechanism(self) -> registry.Mechanism:
     """The registry entry; decode / record_weights it cannot honor are errors naming it."""

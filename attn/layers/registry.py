@@ -36,7 +36,11 @@ Two levels:
   `layer(inputs_q, inputs_kv=None, *, mask, bias, q_positions, kv_positions, deterministic,
   **mask_kwargs) -> [B, T, D]`. With `decode=True` it keeps its own state in the 'cache'
   collection (created by the `init` call with a maximum-length input, updated by each later
-  `apply(..., mutable=['cache'])`), exactly as MultiHeadAttention does.
+  `apply(..., mutable=['cache'])`), exactly as MultiHeadAttention does. A
+  module that declares `layer_index` gets its 0-based depth in the stack (None in a scanned
+  stack; differential attention's lambda_init depends on it), and a `check_config(model_config)`
+  classmethod on any module runs with the config validation (ConfigErrors before anything is
+  built).
 
 Decoding (`decoding`):
 - None: cannot decode; `attn.decode.generate`, the trainer's sample and seq2seq BLEU with it
@@ -78,7 +82,8 @@ TASK_KINDS = ("lm", "encoder_decoder", "classifier", "vit")
 LAYER_ATTRIBUTES = ("num_heads", "num_kv_heads", "head_dim", "out_features", "use_bias",
                     "dropout_rate", "qk_norm", "softcap", "rope_base", "rope_fraction", "scale",
                     "implementation", "attention", "attention_options", "decode",
-                    "record_weights", "dtype", "param_dtype", "kernel_init", "bias_init")
+                    "record_weights", "dtype", "param_dtype", "kernel_init", "bias_init",
+                    "layer_index")
 # Flax module fields that are never options.
 _MODULE_FIELDS = ("parent", "name")
 
@@ -304,6 +309,15 @@ def check_model(name: str, kind: str) -> Mechanism:
         f"{' and '.join(lacks)}. Use it in model.kind in {list(mechanism.kinds)}, or pick a "
         f"mechanism that supports {kind!r}: {fits}.")
   return mechanism
+
+
+def check_layer_config(name: str, model_config: Any) -> None:
+  """The mechanism's own checks of the model config, before anything is built: its module's
+  `check_config(model_config)` classmethod, if it has one, raises a ConfigError naming the
+  field (e.g. differential attention needs paired heads)."""
+  check = getattr(get(name).module, "check_config", None)
+  if check is not None:
+    check(model_config)
 
 
 def supporting(capability: str) -> list[str]:

@@ -51,6 +51,10 @@ class ModelConfig:
   attention: str = "softmax"  # self-attention mechanism, a name in attn.layers.registry
   # The mechanism's options (its module's fields), e.g. {"window": 64} for attention='local'.
   attention_options: Mapping[str, Any] = dataclasses.field(default_factory=FrozenDict)
+  # Hybrid stacks: mechanisms repeated over the layers (each stack's depth a multiple of its
+  # length), e.g. ('gated_deltanet', 'gated_deltanet', 'gated_deltanet', 'gated') as in
+  # Qwen3-Next; empty = `attention` in every layer. Options go to the mechanisms that have them.
+  attention_pattern: tuple[str, ...] = ()
   attention_impl: str | None = None  # 'xla', 'cudnn', ... or None = best available
   position: str = "sinusoidal"
   rope_base: float = 10_000.0
@@ -83,9 +87,7 @@ class ModelConfig:
   def __post_init__(self) -> None:
     _check_choice("kind", self.kind, KINDS)
     # Frozen (hashable: the model is a static jit argument) and checked against the module.
-    object.__setattr__(self, "attention_options", FrozenDict(
-        registry.check_options(self.attention, self.attention_options)))
-    registry.check_model(self.attention, self.kind)
+    self._check_attention()
     _check_choice("position", self.position, VIT_POSITIONS if self.kind == "vit" else POSITIONS)
     _check_choice("norm", self.norm, tuple(NORMS))
     _check_choice("embed_init", self.embed_init, EMBED_INITS)
@@ -126,6 +128,60 @@ class ModelConfig:
       raise ValueError(f"model.image_size ({self.image_size}) must be divisible by "
                        f"model.patch_size ({self.patch_size}).")
 
+  def _check_attention(self) -> None:
+    """The mechanism(s) exist, fit the kind and the depth; the options fit them (frozen)."""
+    pattern = self.attention_pattern
+    # The command line's `--config.model.attention_pattern=a,a,a,b` arrives as ('a,a,a,b',).
+    pattern = tuple(name.strip() for item in ((pattern,) if isinstance(pattern, str) else pattern)
+                    for name in item.split(",") if name.strip())
+    object.__setattr__(self, "attention_pattern", pattern)
+    if not pattern:
+      object.__setattr__(self, "attention_options", FrozenDict(
+          registry.check_options(self.attention, self.attention_options)))
+      registry.check_model(self.attention, self.kind)
+      registry.check_layer_config(self.attention, self)
+      return
+    if self.attention != "softmax":
+      raise ConfigError(
+          f"model.attention={self.attention!r} and model.attention_pattern={list(pattern)} are "
+          f"both set; the pattern names every layer's mechanism: leave model.attention unset.")
+    for name in pattern:
+      registry.get(name, "model.attention_pattern")
+      registry.check_model(name, self.kind)
+    depths = {"model.num_layers": self.num_layers}
+    if self.kind == "encoder_decoder":
+      depths["model.num_decoder_layers"] = self.decoder_layers
+    for field, depth in depths.items():
+      if depth % len(pattern):
+        raise ConfigError(
+            f"{field}={depth} is not a multiple of the length of model.attention_pattern "
+            f"{list(pattern)} ({len(pattern)}); the pattern repeats over the layers.")
+    if self.scan_layers and len(set(pattern)) > 1:
+      raise ConfigError(
+          f"model.scan_layers=True needs one module for every layer, but "
+          f"model.attention_pattern={list(pattern)} mixes mechanisms; set "
+          f"model.scan_layers=False.")
+    options = {}
+    for key, value in self.attention_options.items():
+      owners = [name for name in dict.fromkeys(pattern) if key in registry.get(name).options]
+      if not owners:
+        registry.check_options(pattern[0], {key: value})  # the error lists valid options
+      for name in owners:
+        options.update(registry.check_options(name, {key: value}))
+    object.__setattr__(self, "attention_options", FrozenDict(options))
+    for name in dict.fromkeys(pattern):
+      registry.check_layer_config(name, self)
+
+  def layer_attention(self, layer: int) -> str:
+    """The mechanism of layer `layer` (0-based) of a stack."""
+    pattern = self.attention_pattern
+    return pattern[layer % len(pattern)] if pattern else self.attention
+
+  @property
+  def mechanisms(self) -> tuple[str, ...]:
+    """Every mechanism the model uses, once each."""
+    return tuple(dict.fromkeys(self.attention_pattern or (self.attention,)))
+
   @property
   def kv_heads(self) -> int:
     return self.num_kv_heads or self.num_heads
@@ -163,6 +219,8 @@ class ModelConfig:
     unknown = sorted(set(values) - known)
     if unknown:
       raise ConfigError(f"Unknown model config field(s) {unknown}; known fields: {sorted(known)}.")
+    if isinstance(values.get("attention_pattern"), list):
+      values["attention_pattern"] = tuple(values["attention_pattern"])
     # Unset command-line slots (None) are not options: the mechanism's default applies.
     options = values.get("attention_options") or {}
     values["attention_options"] = {k: v for k, v in dict(options).items() if v is not None}

@@ -5,6 +5,7 @@ Shapes: B batch, T length, D d_model, N heads. `segment_ids` [B, T] follow the d
 0 in each packed segment.
 """
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -45,7 +46,7 @@ def _norm(config: ModelConfig, name: str) -> nn.Module:
 
 
 def attention_layer(config: ModelConfig, name: str, *, rope: bool, decode: bool = False,
-                    mechanism: str = "softmax") -> nn.Module:
+                    mechanism: str = "softmax", layer_index: int | None = None) -> nn.Module:
   """The attention layer for `mechanism`, configured from the model config.
 
   A core-level mechanism runs inside MultiHeadAttention; a layer-level one (registry
@@ -54,7 +55,8 @@ def attention_layer(config: ModelConfig, name: str, *, rope: bool, decode: bool 
   cross-attention and attention pooling stay softmax.
   """
   entry = registry.get(mechanism)
-  options = dict(config.attention_options) if mechanism == config.attention else {}
+  options = ({k: v for k, v in config.attention_options.items() if k in entry.options}
+             if mechanism in config.mechanisms else {})
   attributes = dict(
       num_heads=config.num_heads, num_kv_heads=config.kv_heads,
       head_dim=config.head_size, use_bias=config.use_bias,
@@ -63,6 +65,8 @@ def attention_layer(config: ModelConfig, name: str, *, rope: bool, decode: bool 
       implementation=config.attention_impl, decode=decode, dtype=config.compute_dtype,
       param_dtype=config.weights_dtype, name=name)
   if entry.level == "layer":
+    if "layer_index" in {f.name for f in dataclasses.fields(entry.module)}:
+      attributes["layer_index"] = layer_index
     return entry.module(**attributes, **options)
   return MultiHeadAttention(attention=mechanism, attention_options=options or None, **attributes)
 
@@ -94,6 +98,7 @@ class Block(nn.Module):
   cross_attention: bool = False
   decode: bool = False
   deterministic: bool = True
+  layer_index: int | None = None  # depth in the stack (None: scanned); picks the pattern's entry
 
   def _residual(self, x: Array, branch: Callable[[Array], Array], name: str,
                 token_mask: Array | None) -> Array:
@@ -113,11 +118,13 @@ class Block(nn.Module):
     """`(x, None)`: the scan-friendly signature; `context` holds the per-stack arrays."""
     config = self.config
     token_mask = context.get("token_mask")
+    mechanism = config.layer_attention(self.layer_index or 0)
     self_attention = attention_layer(config, "self_attention", rope=config.position == "rope",
-                                     decode=self.decode, mechanism=config.attention)
+                                     decode=self.decode, mechanism=mechanism,
+                                     layer_index=self.layer_index)
     x = self._residual(x, lambda h: self_attention(
         h, bias=context.get("bias"), q_positions=context.get("positions"),
-        **_segment_keywords(config.attention, context.get("segment_ids")), is_causal=self.causal,
+        **_segment_keywords(mechanism, context.get("segment_ids")), is_causal=self.causal,
         deterministic=self.deterministic), "self_attention", token_mask)
     if self.cross_attention:
       cross = attention_layer(config, "cross_attention", rope=False)
@@ -213,7 +220,7 @@ class TransformerStack(nn.Module):
       x, _ = scanned(**block_kwargs, name="layers")(x, context)
       return x
     for i in range(self.num_layers):
-      x, _ = block_cls(**block_kwargs, name=f"layer_{i}")(x, context)
+      x, _ = block_cls(**block_kwargs, layer_index=i, name=f"layer_{i}")(x, context)
     return x
 
 

@@ -192,33 +192,34 @@ def check_mechanism(config: ml_collections.ConfigDict, model_cfg: Any) -> None:
   text, sampling / BLEU decoding. The kind and the options were checked by ModelConfig."""
   from attn.layers import registry  # Deferred like the models: layers import jax and flax.
 
-  name, kind, t = model_cfg.attention, model_cfg.kind, config.train
-  entry = registry.get(name)
-  if kind != "vit":  # Text tasks always pass segment ids (0 = padding).
-    packs = kind in ("lm", "encoder_decoder") and bool(config.data.get("pack", True))
-    if packs and not entry.packed:
-      fix = ("set data.pack=False (one sequence per row)" if entry.padding
-             else "pick another mechanism")
+  kind, t = model_cfg.kind, config.train
+  for name in model_cfg.mechanisms:  # each mechanism of a hybrid attention_pattern too
+    entry = registry.get(name)
+    if kind != "vit":  # Text tasks always pass segment ids (0 = padding).
+      packs = kind in ("lm", "encoder_decoder") and bool(config.data.get("pack", True))
+      if packs and not entry.packed:
+        fix = ("set data.pack=False (one sequence per row)" if entry.padding
+               else "pick another mechanism")
+        raise ConfigError(
+          f"model.attention={name!r} does not support packed sequences (segment_ids), and "
+          f"data.pack=True packs several per row; {fix}, or use one of "
+          f"{registry.supporting('packed')}.")
+      if not entry.packed and not entry.padding:
+        raise ConfigError(
+          f"model.attention={name!r} supports neither packed sequences nor padding, which every "
+          f"text task has; use it with model.kind='vit' or pick one of "
+          f"{registry.supporting('padding')}.")
+    decoders = registry.supporting("decoding")
+    if entry.decoding is None and kind == "lm" and t.sample_tokens > 0:
       raise ConfigError(
-        f"model.attention={name!r} does not support packed sequences (segment_ids), and "
-        f"data.pack=True packs several per row; {fix}, or use one of "
-        f"{registry.supporting('packed')}.")
-    if not entry.packed and not entry.padding:
+        f"model.attention={name!r} cannot decode (no KV cache or recurrent state), so "
+        f"train.sample_tokens={t.sample_tokens} cannot sample; set train.sample_tokens=0 or use "
+        f"one of {decoders}.")
+    if entry.decoding is None and kind == "encoder_decoder" and t.bleu_batches > 0:
       raise ConfigError(
-        f"model.attention={name!r} supports neither packed sequences nor padding, which every "
-        f"text task has; use it with model.kind='vit' or pick one of "
-        f"{registry.supporting('padding')}.")
-  decoders = registry.supporting("decoding")
-  if entry.decoding is None and kind == "lm" and t.sample_tokens > 0:
-    raise ConfigError(
-      f"model.attention={name!r} cannot decode (no KV cache or recurrent state), so "
-      f"train.sample_tokens={t.sample_tokens} cannot sample; set train.sample_tokens=0 or use "
-      f"one of {decoders}.")
-  if entry.decoding is None and kind == "encoder_decoder" and t.bleu_batches > 0:
-    raise ConfigError(
-      f"model.attention={name!r} cannot decode (no KV cache or recurrent state), so "
-      f"train.bleu_batches={t.bleu_batches} cannot translate for BLEU; set "
-      f"train.bleu_batches=0 or use one of {decoders}.")
+        f"model.attention={name!r} cannot decode (no KV cache or recurrent state), so "
+        f"train.bleu_batches={t.bleu_batches} cannot translate for BLEU; set "
+        f"train.bleu_batches=0 or use one of {decoders}.")
 
 
 def check_against_data(model_cfg: Any, info: data_lib.DataInfo) -> None:

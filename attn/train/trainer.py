@@ -386,7 +386,7 @@ def _summary(config: Any, workdir: str, *, state: state_lib.TrainState, model: n
   from attn.layers import registry  # Deferred like the models (see train_and_evaluate).
 
   if (sample is not None and jax.process_count() == 1
-      and registry.get(model.config.attention).weights):
+      and all(registry.get(name).weights for name in model.config.mechanisms)):
     from attn import viz  # Deferred: matplotlib is only needed at the very end.
 
     # One picture of what the heads look at on the sample (layers x heads).

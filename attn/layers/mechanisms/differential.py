@@ -17,13 +17,20 @@ from typing import Any
 import flax.linen as nn
 import jax
 
+from attn.errors import ConfigError
+from attn.layers import registry
 from attn.layers.attention import MultiHeadAttention, Projection
 from attn.ops import differential as diff_ops
 from attn.ops import positions as positions_lib
+from attn.ops.dispatch import IMPLEMENTATIONS
 
 Array = jax.Array
 
 
+@registry.register(
+    name="differential", level="layer", paper="Ye et al. 2024 (ICLR 2025)",
+    summary="difference of two softmax maps (learned lambda), per-head RMSNorm",
+    decoding="kv_cache", weights=True, implementations=IMPLEMENTATIONS)
 class DifferentialAttention(MultiHeadAttention):
   """Differential attention in place of MultiHeadAttention (same attributes and call).
 
@@ -33,7 +40,21 @@ class DifferentialAttention(MultiHeadAttention):
   """
 
   lambda_init: float | None = None
-  layer_index: int = 0
+  layer_index: int | None = None
+
+  @classmethod
+  def check_config(cls, config: Any) -> None:
+    """Paired heads, and a depth for the paper's lambda_init (a scanned stack has none)."""
+    if config.num_heads % 2 or (config.kv_heads % 2 and config.kv_heads != 1):
+      raise ConfigError(
+          f"model.attention='differential' pairs the heads: model.num_heads "
+          f"({config.num_heads}) must be even and model.num_kv_heads ({config.kv_heads}) even "
+          f"or 1.")
+    if config.scan_layers and config.attention_options.get("lambda_init") is None:
+      raise ConfigError(
+          "model.attention='differential' takes lambda_init from each layer's depth, which a "
+          "scanned stack does not have: set model.scan_layers=False or "
+          "model.attention_options.lambda_init.")
 
   @nn.compact
   def __call__(self, inputs_q: Array, inputs_kv: Array | None = None, *,
@@ -64,6 +85,9 @@ class DifferentialAttention(MultiHeadAttention):
     if self.decode and self_attention:
       key, value, mask, mask_kwargs = self._update_cache(key, value, mask, mask_kwargs)
 
+    if self.lambda_init is None and self.layer_index is None:
+      raise ValueError("differential attention needs its layer_index (the paper's lambda_init "
+                       "depends on depth) or a fixed lambda_init.")
     init = (diff_ops.lambda_init(self.layer_index) if self.lambda_init is None
             else self.lambda_init)
     vectors = [self.param(name, nn.with_logical_partitioning(nn.initializers.normal(0.1),

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attn.layers import registry
 from attn.layers.attention import MultiHeadAttention, Projection
 from attn.ops import gated_deltanet as gdn
 
@@ -78,6 +79,11 @@ def causal_short_conv(x: Array, kernel: Array, *, previous: Array | None = None,
   return out
 
 
+@registry.register(
+    name="gated_deltanet", level="layer", paper="Yang et al. 2024 (ICLR 2025)",
+    summary="gated delta rule: decayed matrix state, chunkwise (WY) training, O(1)-state "
+    "decoding; short conv, output gate", bidirectional=False, cross_attention=False,
+    decoding="recurrent", weights=True)
 class GatedDeltaNet(MultiHeadAttention):
   """Gated DeltaNet: a delta-rule recurrence with a data-dependent decay, in place of attention.
 

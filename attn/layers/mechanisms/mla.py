@@ -15,13 +15,21 @@ from typing import Any
 import flax.linen as nn
 import jax
 
+from attn.errors import ConfigError
+from attn.layers import registry
 from attn.layers.attention import MultiHeadAttention, Projection
 from attn.ops import mla as mla_ops
 from attn.ops import positions as positions_lib
+from attn.ops.dispatch import IMPLEMENTATIONS
 
 Array = jax.Array
 
 
+@registry.register(
+    name="mla", level="layer", paper="DeepSeek-AI 2024 (DeepSeek-V2)",
+    summary="keys / values from a cached low-rank latent + a shared RoPE key; absorbed "
+    "decoding", cross_attention=False, decoding="kv_cache", weights=True,
+    implementations=IMPLEMENTATIONS)
 class MultiHeadLatentAttention(MultiHeadAttention):
   """MLA in place of MultiHeadAttention (same attributes and call; num_kv_heads does not apply).
 
@@ -35,6 +43,17 @@ class MultiHeadLatentAttention(MultiHeadAttention):
   kv_lora_rank: int = 64
   q_lora_rank: int = 0
   rope_head_dim: int = 16
+
+  @classmethod
+  def check_config(cls, config: Any) -> None:
+    """The ranks are positive (q_lora_rank may be 0) and the rotary part pairs channels."""
+    options = {f: config.attention_options.get(f, getattr(cls, f))
+               for f in ("kv_lora_rank", "q_lora_rank", "rope_head_dim")}
+    if (options["kv_lora_rank"] <= 0 or options["q_lora_rank"] < 0
+        or options["rope_head_dim"] <= 0 or options["rope_head_dim"] % 2):
+      raise ConfigError(
+          f"model.attention='mla': model.attention_options {options} need kv_lora_rank > 0, "
+          f"q_lora_rank >= 0 and an even rope_head_dim > 0 (RoPE rotates channel pairs).")
 
   @nn.compact
   def __call__(self, inputs_q: Array, inputs_kv: Array | None = None, *,

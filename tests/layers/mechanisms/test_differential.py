@@ -15,6 +15,7 @@ N, H = 4, 8
 
 
 def _layer(**kwargs):
+  kwargs.setdefault("layer_index", 0)
   return DifferentialAttention(num_heads=N, head_dim=H, rope_base=10000.0, **kwargs)
 
 
@@ -50,5 +51,5 @@ def test_projection_sizes_depth_lambda_and_the_recorded_difference_map():
 
 def test_unpaired_heads_are_an_error_naming_the_fields():
   with pytest.raises(ValueError, match="num_heads"):
-    DifferentialAttention(num_heads=3, head_dim=H).init(jax.random.key(0), checks.inputs(0),
-                                                        is_causal=True)
+    layer = DifferentialAttention(num_heads=3, head_dim=H, layer_index=0)
+    layer.init(jax.random.key(0), checks.inputs(0), is_causal=True)
