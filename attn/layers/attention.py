@@ -141,13 +141,7 @@ class MultiHeadAttention(nn.Module):
       query = _head_rms_norm(self.param_dtype, "query_norm")(query)
       key = _head_rms_norm(self.param_dtype, "key_norm")(key)
 
-    if self.rope_base is not None:
-      q_positions, kv_positions = self._rope_positions(query, key, q_positions, kv_positions,
-                                                       self_attention)
-      query = positions_lib.apply_rope(query, q_positions, base=self.rope_base,
-                                       fraction=self.rope_fraction)
-      key = positions_lib.apply_rope(key, kv_positions, base=self.rope_base,
-                                     fraction=self.rope_fraction)
+    query, key = self._apply_rope(query, key, q_positions, kv_positions, self_attention)
     query = nn.with_logical_constraint(query, ("batch", "length", "heads", "head_dim"))
     key = nn.with_logical_constraint(key, ("batch", "length", "kv_heads", "head_dim"))
     value = nn.with_logical_constraint(value, ("batch", "length", "kv_heads", "head_dim"))
@@ -180,12 +174,35 @@ class MultiHeadAttention(nn.Module):
     if self.record_weights:
       self.sow("intermediates", "attention_weights", weights)
 
-    out = self._before_output(out, inputs_q)
+    return self._output(self._before_output(out, inputs_q), features)
+
+  def _output(self, out: Array, features: int) -> Array:
+    """The output projection of the head outputs `[B, T, N, Hv]` to `[B, T, D]`."""
     out = Projection(features=(self.out_features or features,), in_dims=2,
                      kernel_axes=("heads", "head_dim", "embed"), use_bias=self.use_bias,
                      dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=self.kernel_init,
                      bias_init=self.bias_init, name="out")(out)
     return nn.with_logical_constraint(out, ("batch", "length", "embed"))
+
+  def _record(self, result: Array | tuple[Array, Array]) -> Array:
+    """An op's output, or `(output, weights)` with record_weights: the weights are sown."""
+    if not self.record_weights:
+      return result
+    out, weights = result
+    self.sow("intermediates", "attention_weights", weights)
+    return out
+
+  def _apply_rope(self, query: Array, key: Array, q_positions: Array | None,
+                  kv_positions: Array | None, self_attention: bool) -> tuple[Array, Array]:
+    """RoPE on `[B, T, N, H]` queries and `[B, S, K, H]` keys (when rope_base is set)."""
+    if self.rope_base is None:
+      return query, key
+    q_positions, kv_positions = self._rope_positions(query, key, q_positions, kv_positions,
+                                                     self_attention)
+    return (positions_lib.apply_rope(query, q_positions, base=self.rope_base,
+                                     fraction=self.rope_fraction),
+            positions_lib.apply_rope(key, kv_positions, base=self.rope_base,
+                                     fraction=self.rope_fraction))
 
   def _before_output(self, out: Array, inputs_q: Array) -> Array:
     """The head outputs `[B, T, N, Hv]` before the output projection; a layer-level subclass

@@ -19,9 +19,8 @@ import jax
 
 from attn.errors import ConfigError
 from attn.layers import registry
-from attn.layers.attention import MultiHeadAttention, Projection
+from attn.layers.attention import MultiHeadAttention
 from attn.ops import differential as diff_ops
-from attn.ops import positions as positions_lib
 from attn.ops.dispatch import IMPLEMENTATIONS
 
 Array = jax.Array
@@ -75,13 +74,7 @@ class DifferentialAttention(MultiHeadAttention):
     query = self._projection(heads, head_dim, "heads", "query")(inputs_q)
     key = self._projection(2 * kv_pairs, head_dim, "kv_heads", "key")(inputs_kv)
     value = self._projection(kv_pairs, 2 * head_dim, "kv_heads", "value")(inputs_kv)
-    if self.rope_base is not None:
-      q_positions, kv_positions = self._rope_positions(query, key, q_positions, kv_positions,
-                                                       self_attention)
-      query = positions_lib.apply_rope(query, q_positions, base=self.rope_base,
-                                       fraction=self.rope_fraction)
-      key = positions_lib.apply_rope(key, kv_positions, base=self.rope_base,
-                                     fraction=self.rope_fraction)
+    query, key = self._apply_rope(query, key, q_positions, kv_positions, self_attention)
     if self.decode and self_attention:
       key, value, mask, mask_kwargs = self._update_cache(key, value, mask, mask_kwargs)
 
@@ -107,12 +100,4 @@ class DifferentialAttention(MultiHeadAttention):
         softcap=self.softcap, implementation=self.implementation,
         dropout_rate=self.dropout_rate if dropout else 0.0,
         dropout_rng=self.make_rng("dropout") if dropout else None, **mask_kwargs)
-    out = result
-    if self.record_weights:
-      out, weights = result
-      self.sow("intermediates", "attention_weights", weights)
-    out = Projection(features=(self.out_features or features,), in_dims=2,
-                     kernel_axes=("heads", "head_dim", "embed"), use_bias=self.use_bias,
-                     dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=self.kernel_init,
-                     bias_init=self.bias_init, name="out")(out)
-    return nn.with_logical_constraint(out, ("batch", "length", "embed"))
+    return self._output(self._record(result), features)

@@ -184,12 +184,7 @@ class GatedDeltaNet(MultiHeadAttention):
           q, k, beta, log_alpha, segment_ids=segment_ids, key_value_seq_lengths=lengths,
           **kwargs))
 
-    out = self._gated_norm(out, inputs_q, heads, value_dim)
-    out = Projection(features=(self.out_features or features,), in_dims=2,
-                     kernel_axes=("heads", "head_dim", "embed"), use_bias=self.use_bias,
-                     dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=self.kernel_init,
-                     bias_init=self.bias_init, name="out")(out)
-    return nn.with_logical_constraint(out, ("batch", "length", "embed"))
+    return self._output(self._gated_norm(out, inputs_q, heads, value_dim), features)
 
   def _head_scalars(self, name: str, x: Array) -> Array:
     """One scalar per head and token, `[B, T, N]` (no bias: dt_bias plays that part)."""

@@ -104,15 +104,7 @@ class MultiHeadLatentAttention(MultiHeadAttention):
         return_weights=self.record_weights, bias=bias, mask=mask, softcap=self.softcap,
         implementation=self.implementation, dropout_rate=self.dropout_rate if dropout else 0.0,
         dropout_rng=self.make_rng("dropout") if dropout else None, **mask_kwargs)
-    out = result
-    if self.record_weights:
-      out, weights = result
-      self.sow("intermediates", "attention_weights", weights)
-    out = Projection(features=(self.out_features or features,), in_dims=2,
-                     kernel_axes=("heads", "head_dim", "embed"), use_bias=self.use_bias,
-                     dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=self.kernel_init,
-                     bias_init=self.bias_init, name="out")(out)
-    return nn.with_logical_constraint(out, ("batch", "length", "embed"))
+    return self._output(self._record(result), features)
 
   def _latent(self, x: Array, rank: int, name: str, norm_name: str) -> Array:
     down = Projection(features=(rank,), in_dims=1, kernel_axes=("embed", "q_lora"),
