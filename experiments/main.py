@@ -7,6 +7,7 @@ Relaunching the same command resumes from the workdir's latest checkpoint (a fin
 nothing). Multi-host: every host runs this same command (see attn.train.distributed).
 """
 
+import os
 import sys
 
 import jax
@@ -14,12 +15,15 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from attn import data, train
-from attn.train import distributed, metrics
+from attn.train import distributed, metrics, workdir_lock
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Experiment file with get_config(arg), e.g. experiments/default.py:runlocal.",
   lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and summary.json go here.")
+_ALLOW_CHANGE = flags.DEFINE_bool(
+  "allow_config_change", False, "Continue the workdir's run although the config changes fields "
+  "that change its trajectory (recorded in <workdir>/config.json with the step).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -30,9 +34,19 @@ def main(argv: list[str]) -> None:
   logging.set_verbosity(logging.WARNING)  # Orbax logs every step of every save at INFO.
   distributed.maybe_initialize(config.train.heartbeat_timeout_s)
   try:
-    result = train.train_and_evaluate(config, _WORKDIR.value)
+    result = train.train_and_evaluate(config, _WORKDIR.value,
+                                      allow_config_change=_ALLOW_CHANGE.value)
   except (train.ConfigError, data.DataError) as e:
     sys.exit(f"Config error: {e}")  # Exit status 1, no traceback: the message names the fix.
+  except (workdir_lock.WorkdirBusyError, workdir_lock.LockLostError) as e:
+    sys.exit(str(e))
+  except KeyboardInterrupt:
+    # The lock is released and saves are finished by now. Leave without the interpreter's
+    # teardown, which can crash while XLA's compile threads are still running (a first
+    # compile interrupted by Ctrl-C ended in a segmentation fault).
+    print("Interrupted (Ctrl-C); the same command resumes from the newest checkpoint.",
+          file=sys.stderr, flush=True)
+    os._exit(130)
   if jax.process_index() == 0:
     print(metrics.format_report(_WORKDIR.value, result), flush=True)
 

@@ -67,6 +67,19 @@ def mean_std(values: Sequence[float]) -> tuple[float, float | None, int]:
   return statistics.fmean(finite), std, len(finite)
 
 
+def read_summary(path: str) -> tuple[dict[str, Any] | None, str | None]:
+  """(summary, None), (None, None) if there is none, or (None, what is wrong with it)."""
+  try:
+    summary = json.loads(storage.read_text(path))
+  except FileNotFoundError:
+    return None, None
+  except (OSError, ValueError) as e:
+    return None, f"{path} is damaged ({type(e).__name__}: {e}); relaunch the run to recompute it"
+  if not isinstance(summary, dict) or not isinstance(summary.get("metrics"), dict):
+    return None, f"{path} is damaged (no 'metrics' object); relaunch the run to recompute it"
+  return summary, None
+
+
 def collect(workdir: str) -> list[RunResult]:
   """Every run listed in sweep.json with its status and final numbers."""
   planned = json.loads(storage.read_text(storage.join(workdir, PLAN_FILE)))["runs"]
@@ -77,8 +90,10 @@ def collect(workdir: str) -> list[RunResult]:
                        entry.get("overrides", {}))
     summary_path = storage.join(run_dir, "summary.json")
     error_path = storage.join(run_dir, "error.json")
-    if storage.exists(summary_path):
-      summary = json.loads(storage.read_text(summary_path))
+    summary, damage = read_summary(summary_path)
+    if damage is not None:  # Reported as a failed run; relaunching the sweep recomputes it.
+      result.status, result.error = "failed", damage
+    elif summary is not None:
       result.status, result.step = "done", summary.get("step")
       result.metrics = {k: v for k, v in summary.get("metrics", {}).items()
                         if isinstance(v, (int, float))}

@@ -30,12 +30,14 @@ checkpoint and exit; the next launch resumes them.
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import datetime
 import importlib.util
 import inspect
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -122,6 +124,76 @@ def plan(spec: str, *, seeds: int | None = None, filters: Sequence[str] = ()) ->
           for name, point in named]
 
 
+def parse_set(config: Any, item: str) -> tuple[str, Any]:
+  """'train.num_steps=100' -> ('train.num_steps', 100), typed as the field (config_flags'
+  rules); ValueError naming the key if it is not a field or the value does not parse."""
+  key, _, text = item.partition("=")
+  *parents, leaf = key.split(".")
+  node = config
+  for part in parents:
+    if part not in node or not hasattr(node[part], "get_type"):
+      raise ValueError(f"--set {item!r}: {key!r} is not a field of the experiment's config.")
+    node = node[part]
+  if leaf not in node:
+    raise ValueError(f"--set {item!r}: {key!r} is not a field of the experiment's config.")
+  kind = node.get_type(leaf)
+  try:
+    if kind is bool:
+      if text.lower() not in ("true", "false", "1", "0"):
+        raise ValueError("expected true or false")
+      value: Any = text.lower() in ("true", "1")
+    elif kind in (int, float):
+      value = kind(text)
+    elif kind in (tuple, list):
+      value = kind(ast.literal_eval(text))
+    elif kind is str:
+      value = text
+    else:
+      try:
+        value = ast.literal_eval(text)
+      except (ValueError, SyntaxError):
+        value = text
+  except (ValueError, SyntaxError, TypeError) as e:
+    raise ValueError(f"--set {item!r}: {text!r} is not a valid {kind.__name__} for {key} "
+                     f"({e}).") from None
+  return key, value
+
+
+def resolved_config(module: ModuleType, arg: str | None, run: Run,
+                    extra: Sequence[str] = ()) -> Any:
+  """The config the run's child process trains with (its arg, its point, then --set)."""
+  config = module.get_config(grid.merge_arg(arg, run.point))
+  overrides = dict(grid.config_overrides(run.point))
+  overrides.update(parse_set(config, item) for item in (*QUIET, *extra))
+  for key, value in overrides.items():
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+      node = node[part]
+    try:
+      node[leaf] = value
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"{key}={value!r} cannot be set: {e}") from None
+  return config.copy_and_resolve_references()
+
+
+def config_changes(module: ModuleType, arg: str | None, workdir: str, runs: Sequence[Run],
+                   extra: Sequence[str] = ()) -> dict[str, dict[str, tuple[Any, Any]]]:
+  """Run name -> the changes of its config against the config its directory trained with
+  (only runs that have one; a run without changes is left out)."""
+  from attn.train import config_identity  # Deferred: it imports the trainer's config.
+
+  out = {}
+  for run in runs:
+    new = resolved_config(module, arg, run, extra)
+    stored = config_identity.stored(run.workdir(workdir))
+    if stored is not None and config_identity.saved_steps(run.workdir(workdir)):
+      changes = config_identity.diff(stored, config_identity.as_json(new))
+      if changes:
+        out[run.name] = changes
+  return out
+
+
 def cli_value(value: Any) -> str:
   """A Python value as config_flags parses it back (it parses by the field's type)."""
   if isinstance(value, float):
@@ -169,8 +241,9 @@ def child_env(slot: int, parallel: int, gpus: Sequence[str],
 
 
 def status(run_dir: str) -> str:
-  """done (summary.json) | failed (error.json) | interrupted (a checkpoint) | pending."""
-  if storage.exists(storage.join(run_dir, "summary.json")):
+  """done (a readable summary.json) | failed (error.json) | interrupted (a checkpoint) | pending;
+  a damaged summary.json is not done (the relaunched run recomputes it)."""
+  if report.read_summary(storage.join(run_dir, "summary.json"))[0] is not None:
     return "done"
   if storage.exists(storage.join(run_dir, ERROR_FILE)):
     return "failed"
@@ -238,12 +311,17 @@ def _finish(run_dir: str, argv: list[str], returncode: int, seconds: float) -> s
 
 def execute(spec: str, workdir: str, runs: Sequence[Run], *, parallel: int = 1,
             extra: Sequence[str] = (), timeout: float | None = None,
-            echo: Any = print) -> dict[str, str]:
-  """Runs what is not done yet, `parallel` at a time; returns run name -> final status."""
+            echo: Any = print, changed: Sequence[str] = (),
+            allow_config_change: bool = False) -> dict[str, str]:
+  """Runs what is not done yet, `parallel` at a time; returns run name -> final status.
+
+  `changed` names runs whose config differs from the one their directory trained with: they
+  are never skipped as done (the child continues or refuses them).
+  """
   outcome: dict[str, str] = {}
   todo = []
   for run in runs:
-    if status(run.workdir(workdir)) == "done":
+    if status(run.workdir(workdir)) == "done" and run.name not in changed:
       outcome[run.name] = "skipped"
     else:
       todo.append(run)
@@ -262,6 +340,8 @@ def execute(spec: str, workdir: str, runs: Sequence[Run], *, parallel: int = 1,
         storage.makedirs(run_dir)
         storage.remove(storage.join(run_dir, ERROR_FILE))  # A retry; the old error is in the log.
         argv = child_argv(spec, run_dir, run.point, extra)
+        if allow_config_change:
+          argv.append("--allow_config_change")
         slot = min(set(range(parallel)) - {a[4] for a in active.values()})
         share = child_env(slot, parallel, gpus)
         log = open(log_path(run_dir), "a")  # noqa: SIM115 (closed when it ends)
@@ -313,7 +393,10 @@ def _detail(run_dir: str, state: str) -> str:
   if state == "failed":
     return ": " + json.loads(storage.read_text(storage.join(run_dir, ERROR_FILE)))["error"]
   if state == "done":
-    metrics = json.loads(storage.read_text(storage.join(run_dir, "summary.json")))["metrics"]
+    summary, damage = report.read_summary(storage.join(run_dir, "summary.json"))
+    if summary is None:
+      return f": {damage}" if damage else ""
+    metrics = summary["metrics"]
     return ": " + ", ".join(f"{k} {v:.4g}" for k, v in list(metrics.items())[:3]
                             if isinstance(v, (int, float)))
   return ""
@@ -338,6 +421,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                       help="eval metric that ranks the variants (default: the experiment's "
                       "SWEEP_METRIC, else loss)")
   parser.add_argument("--timeout", type=float, default=None, help="seconds before a run is killed")
+  parser.add_argument("--allow_config_change", action="store_true",
+                      help="continue runs whose directory trained with another config (each "
+                      "records the change in its config.json)")
   args = parser.parse_args(argv)
   if not args.report and not args.config:
     parser.error("--config is required (except with --report).")
@@ -349,6 +435,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   unreachable = storage.url_support_error(args.workdir, "--workdir")
   if unreachable:  # Before any run starts (a gs:// workdir without gcsfs).
     parser.error(unreachable)
+  for pattern in args.filter:
+    try:
+      re.compile(pattern)
+    except re.error as e:
+      parser.error(f"--filter {pattern!r} is not a valid regular expression: {e}.")
   return args
 
 
@@ -358,12 +449,31 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.report and not args.config:
     print(report.write_report(args.workdir, metric=args.metric))
     return 0
-  module, _ = load_experiment(args.config)
+  module, arg = load_experiment(args.config)
   metric = args.metric or getattr(module, "SWEEP_METRIC", None)
   runs = plan(args.config, seeds=args.seeds, filters=args.filter)
   if not runs:
     print("No run matches the filters.")
     return 1
+  # Every run's config is built before any starts: a bad --set fails here, not in N children.
+  try:
+    changes = config_changes(module, arg, args.workdir, runs, args.set)
+  except ValueError as e:
+    print(f"Config error: {e}", file=sys.stderr)
+    return 2
+  from attn.train import config_identity
+
+  refused = {name: c for name, c in changes.items() if config_identity.split(c)[0]}
+  if refused and not args.dry_run and not args.allow_config_change:
+    lines = [f"{len(refused)} run(s) already trained with another config; nothing was started:"]
+    for name, c in refused.items():
+      lines.append(f"  {name}: " + ", ".join(f"{k} {json.dumps(a)} -> {json.dumps(b)}"
+                                            for k, (a, b) in config_identity.split(c)[0].items()))
+    lines.append("Use another --workdir for the new config, or --allow_config_change to continue "
+                 "these runs with it from their newest checkpoints (recorded in each run's "
+                 "config.json).")
+    print("\n".join(lines), file=sys.stderr)
+    return 2
   if args.dry_run:
     for run in runs:
       state = status(run.workdir(args.workdir))
@@ -374,8 +484,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   outcome: dict[str, str] = {}
   if not args.report:
     try:
+      # A finished run whose config moved on (a raised num_steps, an allowed change) is not
+      # done; a change of operational fields only (eval_every, ...) leaves it done.
+      moved = [name for name, c in changes.items()
+               if config_identity.split(c)[0] or "train.num_steps" in c]
       outcome = execute(args.config, args.workdir, runs, parallel=args.parallel,
-                        extra=args.set, timeout=args.timeout)
+                        extra=args.set, timeout=args.timeout, changed=moved,
+                        allow_config_change=args.allow_config_change)
     except KeyboardInterrupt:
       print(report.write_report(args.workdir, metric=metric))
       return 130

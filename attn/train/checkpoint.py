@@ -6,12 +6,17 @@
     ckpt.save(step, state, train_iter, metrics=eval_metrics)  # async; ckpt.wait() to block
     params = load_params(workdir)         # any checkpoint onto one device (e.g. in Colab)
 
-Layout: `workdir/checkpoints/<step>/{state,data}`; `data` holds one Grain state file per
-process. A save is complete only once Orbax has renamed its temporary folder: a run killed
-midway leaves a `*.orbax-checkpoint-tmp*` folder, which is ignored and removed at the next start.
+Layout: `workdir/checkpoints/<step>/{state,data,checksums}`; `data` holds one Grain state file
+per process, `checksums` a fingerprint of every array and the SHA-256 of every data state. A
+save is complete only once Orbax has renamed its temporary folder: a run killed midway leaves a
+`*.orbax-checkpoint-tmp*` folder, which is ignored and removed at the next start.
 `workdir` may be a bucket URL (`gs://...`): Orbax writes the arrays through TensorStore's gcs
 driver and the rest through etils.epath; a bucket has no rename, so there a step counts as
 complete once its `commit_success.txt` marker exists.
+
+A step that fails to load or to verify is moved aside to `checkpoints/corrupt-<step>` (never
+deleted) with a message naming the file and the error, and the newest good step is used
+(`attn.train.recovery`).
 """
 
 from __future__ import annotations
@@ -24,7 +29,11 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from attn import storage
+from attn.train import checksums
+from attn.train.checksums import path_name as _name
 from attn.train.config import ConfigError
+
+CHECKSUMS = "checksums"
 
 
 def _directory(workdir: str) -> str:
@@ -54,7 +63,8 @@ class Checkpointer:
     for item, handler, save, restore in [
         ("state", ocp.StandardCheckpointHandler(), ocp.args.StandardSave, ocp.args.StandardRestore),
         ("data", grain.checkpoint.CheckpointHandler(), grain.checkpoint.CheckpointSave,
-         grain.checkpoint.CheckpointRestore)]:
+         grain.checkpoint.CheckpointRestore),
+        (CHECKSUMS, ocp.JsonCheckpointHandler(), ocp.args.JsonSave, ocp.args.JsonRestore)]:
       registry.add(item, save, handler)
       registry.add(item, restore, handler)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
@@ -71,10 +81,11 @@ class Checkpointer:
     """The saved parameters' metadata tree (shapes and dtypes), read without loading them."""
     return self.manager.item_metadata(step)["state"].tree["params"]
 
-  def check_compatible(self, step: int, abstract_params: Any) -> None:
+  def check_compatible(self, step: int, abstract_params: Any, saved: Any = None) -> None:
     """Raises ConfigError naming the first parameter that differs from the checkpoint."""
+    saved = self.saved_params(step) if saved is None else saved
     saved = {_name(p): m for p, m in jax.tree_util.tree_flatten_with_path(
-      self.saved_params(step), is_leaf=_is_array_metadata)[0]}
+      saved, is_leaf=_is_array_metadata)[0]}
     wanted = {_name(p): a for p, a in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
     for name in sorted(set(saved) | set(wanted)):
       if name not in saved or name not in wanted:
@@ -94,26 +105,40 @@ class Checkpointer:
            metrics: dict[str, float] | None = None) -> None:
     """Starts an async save (the arrays are copied off the devices before it returns)."""
     items = {"state": ocp.args.StandardSave(state)}
+    sums = {"arrays": checksums.arrays(state), "data": {}}
     if data_iter is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+      sums["data"] = checksums.gather_data_sums(checksums.data_state(data_iter.get_state()))
+    items[CHECKSUMS] = ocp.args.JsonSave(sums)
     self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
 
   def restore(self, step: int, abstract_state: Any, data_iter: Any = None) -> Any:
     """The state at `step` laid out as `abstract_state` says; moves `data_iter` to that step."""
-    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    state = self.manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state)))["state"]
     if data_iter is not None:
-      data_dir = storage.join(self.directory, str(step), "data")
-      index, count = jax.process_index(), jax.process_count()
-      if storage.isdir(data_dir) and not storage.exists(
-          storage.join(data_dir, f"process_{index}-of-{count}.json")):
-        saved = storage.listdir(data_dir)
+      self.restore_data(step, data_iter)
+    return state
+
+  def check_data_processes(self, step: int) -> None:
+    """ConfigError if the step's data states were written by another number of processes."""
+    data_dir = storage.join(self.directory, str(step), "data")
+    index, count = jax.process_index(), jax.process_count()
+    if storage.isdir(data_dir) and not storage.exists(
+        storage.join(data_dir, f"process_{index}-of-{count}.json")):
+      saved = [n for n in storage.listdir(data_dir) if n.startswith("process_")]
+      if saved:
         raise ConfigError(
           f"{data_dir} holds data-iterator states {saved}, written by another number of "
           f"processes than the {count} running now; the data position cannot be carried over. "
           "Resume with the same number of processes, or start a new workdir."
         )
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-    return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+
+  def restore_data(self, step: int, data_iter: Any) -> None:
+    """Moves `data_iter` to where it was at `step` (ConfigError for another process count)."""
+    self.check_data_processes(step)
+    self.manager.restore(step, args=ocp.args.Composite(
+      data=grain.checkpoint.CheckpointRestore(data_iter)))
 
   def wait(self) -> None:
     """Blocks until every started save is complete on disk."""
@@ -126,10 +151,6 @@ class Checkpointer:
 
 def _is_array_metadata(x: Any) -> bool:
   return hasattr(x, "shape") and hasattr(x, "dtype")
-
-
-def _name(path: tuple[Any, ...]) -> str:
-  return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def load_params(workdir: str, step: int | None = None, *,

@@ -171,6 +171,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.train.batch_size ({t.batch_size}) must be divisible by "
                       f"config.train.grad_accum_steps ({t.grad_accum_steps}).")
   check_choice("config.train.best_mode", t.best_mode, ("min", "max"))
+  _check_sizes(config)
 
   sizes = [config.mesh[a] for a in MESH_AXES]
   if sum(s == -1 for s in sizes) > 1:
@@ -220,6 +221,26 @@ def check_mechanism(config: ml_collections.ConfigDict, model_cfg: Any) -> None:
         f"model.attention={name!r} cannot decode (no KV cache or recurrent state), so "
         f"train.bleu_batches={t.bleu_batches} cannot translate for BLEU; set "
         f"train.bleu_batches=0 or use one of {decoders}.")
+
+
+def _check_sizes(config: ml_collections.ConfigDict) -> None:
+  """Data sizes: positive ints, and sequences that fit the model's max_len (before any I/O)."""
+  d = config.data
+  for key, low in (("seq_len", 1), ("target_len", 1), ("vocab_size", 1), ("read_threads", 1),
+                   ("num_workers", 0)):
+    value = d.get(key)
+    if value is None and key == "target_len":
+      continue
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+      raise ConfigError(f"config.data.{key} must be an int >= {low}, got {value!r}.")
+  model = config.model
+  if model.get("kind") != "vit" and isinstance(model.get("max_len"), int):
+    longest = max(d.seq_len, d.get("target_len") or d.seq_len)
+    if longest > model.max_len:
+      field = "seq_len" if d.seq_len == longest else "target_len"
+      raise ConfigError(f"config.model.max_len={model.max_len} is shorter than the data's "
+                        f"sequences ({longest}, config.data.{field}); raise model.max_len or "
+                        f"lower data.{field}.")
 
 
 def check_against_data(model_cfg: Any, info: data_lib.DataInfo) -> None:

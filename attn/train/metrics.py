@@ -147,13 +147,28 @@ def _plain(value: Any) -> Any:
 
 
 def _truncate_after(path: str, step: int) -> None:
-  """Drops lines past `step`: a resumed run rewrites the steps after its checkpoint."""
+  """Drops lines past `step` (a resumed run rewrites the steps after its checkpoint) and lines
+  that do not parse (a torn last line of a killed run); rewrites the file atomically."""
   if not storage.exists(path):
     return
   lines = [line + "\n" for line in storage.read_text(path).splitlines() if line.strip()]
-  kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+  kept, torn = [], []
+  for number, line in enumerate(lines, 1):
+    try:
+      record = json.loads(line)
+      if not isinstance(record, dict):
+        raise ValueError("not a JSON object")
+    except ValueError:
+      torn.append(number)
+      continue
+    if record.get("step", 0) <= step:
+      kept.append(line)
+  if torn:
+    print(f"{path}: dropped {len(torn)} damaged line(s) (line {', '.join(map(str, torn[:5]))}"
+          f"{', ...' if len(torn) > 5 else ''} of {len(lines)}; a run killed mid-write tears "
+          "its last line).", file=sys.stderr, flush=True)
   if len(kept) != len(lines):
-    storage.write_text_atomic(path, "".join(kept))
+    storage.write_text_atomic(path, "".join(kept))  # A kill mid-repair leaves the old file.
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
@@ -221,11 +236,30 @@ def model_flops_per_step(num_params: int, model_cfg: Any, info: Any, batch_size:
   return float(tokens * (6 * num_params + attention))
 
 
+def read_summary(workdir: str) -> dict[str, Any] | None:
+  """summary.json, or None if there is none or it is damaged (which is reported on stderr)."""
+  path = storage.join(workdir, "summary.json")
+  try:
+    summary = json.loads(storage.read_text(path))
+    if not (isinstance(summary, dict) and isinstance(summary.get("step"), int)
+            and isinstance(summary.get("metrics"), dict)):
+      raise ValueError("not a summary (no integer 'step' and 'metrics' object)")
+    return summary
+  except FileNotFoundError:
+    return None
+  except (OSError, ValueError) as e:
+    print(f"{path} is damaged ({type(e).__name__}: {e}); it will be recomputed from the newest "
+          "checkpoint.", file=sys.stderr, flush=True)
+    return None
+
+
 def format_report(workdir: str, result: dict[str, Any]) -> str:
   """What the command line prints at the end: eval metrics, a sample, throughput, the paths."""
   if result.get("preempted"):
     return f"Stopped at step {result['step']} (SIGTERM); the same command resumes it."
-  summary = json.loads(storage.read_text(storage.join(workdir, "summary.json")))
+  summary = read_summary(workdir)
+  if summary is None:
+    return f"Finished {workdir} at step {result.get('step')}; its summary.json is missing."
   lines = [f"Finished {workdir} at step {summary['step']}."]
   lines.append("eval: " + ", ".join(f"{k} {v:.4f}" for k, v in summary["metrics"].items()
                                    if isinstance(v, (int, float))))

@@ -28,10 +28,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 from attn import data as data_lib
 from attn import provenance, storage
 from attn.train import config as config_lib
+from attn.train import config_identity, recovery, steps, workdir_lock
 from attn.train import metrics as metrics_lib
 from attn.train import sharding as sharding_lib
 from attn.train import state as state_lib
-from attn.train import steps
 from attn.train.checkpoint import Checkpointer
 from attn.train.optimizer import make_optimizer
 from attn.train.tasks import Task, make_task
@@ -78,10 +78,6 @@ def config_hash(config: ml_collections.ConfigDict) -> str:
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _json_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  return json.loads(json.dumps(config.to_dict(), default=str))
-
-
 class _Evaluator:
   """Runs the eval split through the jitted eval step and the task's host-side extras."""
 
@@ -92,10 +88,14 @@ class _Evaluator:
     self.num_batches = int(config.train.eval_steps) or None
     self.bleu_batches = int(config.train.bleu_batches)
 
-  def __call__(self, state: state_lib.TrainState) -> dict[str, float]:
+  def __call__(self, state: state_lib.TrainState,
+               should_stop: Callable[[], bool] | None = None) -> dict[str, float] | None:
+    """The eval metrics; None if `should_stop()` turned true on the way (a SIGTERM)."""
     sums = None
     host_batches = []
     for batch in self.eval_iters(num_batches=self.num_batches):
+      if should_stop is not None and should_stop():
+        return None  # A long eval must not outlast a preemption notice.
       if len(host_batches) < self.bleu_batches:
         host_batches.append(batch)
       out = self.eval_fn(state, sharding_lib.place_batch(batch, self.batch_sharding))
@@ -141,7 +141,8 @@ def _sample(model: nn.Module, params: Any, info: data_lib.DataInfo, config: Any)
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        make_data: Callable[..., Any] | None = None,
-                       hooks: Sequence[Hook] = ()) -> dict[str, Any]:
+                       hooks: Sequence[Hook] = (),
+                       allow_config_change: bool = False) -> dict[str, Any]:
   """Trains `config` in `workdir` (resuming from its latest checkpoint); returns final metrics.
 
   Args:
@@ -150,13 +151,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     make_data: replaces `attn.data.make_iterators` (same signature and results), e.g. for an
       in-memory dataset in a notebook or a test.
     hooks: called after every step as `hook(step, state, checkpointer)`.
+    allow_config_change: continue a run whose stored config differs in fields that change its
+      trajectory (recorded in config.json with the step it took effect).
 
   Returns:
     The final eval metrics plus `step`; {"preempted": True, "step": ...} after a SIGTERM.
+
+  Raises:
+    ConfigError: a config that cannot run, or that differs from the workdir's run.
+    WorkdirBusyError: another launch holds the workdir.
   """
   config = config.copy_and_resolve_references()
   config_lib.validate(config)
   storage.check_url_support(workdir, "--workdir")
+  # One writer per workdir, before anything there is read; then the run's config identity.
+  with workdir_lock.hold(workdir) as lock:
+    identity = config_identity.check(workdir, config, allow_change=allow_config_change)
+    if lock is not None:
+      hooks = (*hooks, lambda *_: lock.check())
+    return _train(config, workdir, make_data=make_data, hooks=hooks, identity=identity)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, *,
+           make_data: Callable[..., Any] | None, hooks: Sequence[Hook],
+           identity: config_identity.Identity) -> dict[str, Any]:
+  """train_and_evaluate, once the workdir is this run's."""
   from attn import models  # Deferred so that config errors surface before model imports.
 
   try:
@@ -190,12 +209,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                         best_metric=t.best_metric, best_mode=t.best_mode,
                         async_save=t.async_checkpoints)
     try:
-      latest = ckpt.latest_step()
-      if latest is not None:
-        ckpt.check_compatible(latest, abstract.params)
-      summary_path = storage.join(workdir, "summary.json")
-      if latest is not None and latest >= t.num_steps and storage.exists(summary_path):
-        summary = json.loads(storage.read_text(summary_path))
+      # Damaged steps are moved aside here (unreadable metadata) and in _run (data that does
+      # not load or verify); a step holding another model or optimizer is a ConfigError.
+      latest = recovery.latest_usable(ckpt, abstract)
+      summary = metrics_lib.read_summary(workdir) if latest is not None else None
+      if latest is not None and latest >= t.num_steps and summary is not None:
         if is_main:
           print(f"{workdir}: finished at step {summary['step']}; nothing to do.", flush=True)
         return {"step": summary["step"], **summary["metrics"]}
@@ -203,7 +221,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                   tx=tx, schedule=schedule, mesh=mesh, abstract=abstract, shardings=shardings,
                   init=init, axis_rules=axis_rules, ckpt=ckpt, latest=latest,
                   train_iter=train_iter, peak=peak,
-                  eval_iters=eval_iters, hooks=hooks)
+                  eval_iters=eval_iters, hooks=hooks, identity=identity)
     finally:
       ckpt.close()
 
@@ -212,7 +230,7 @@ def _run(config: Any, workdir: str, *, model: nn.Module, model_cfg: Any, task: T
          info: data_lib.DataInfo, tx: Any, schedule: Any, mesh: Any, abstract: Any,
          shardings: Any, init: Any, axis_rules: Any, ckpt: Checkpointer, latest: int | None,
          train_iter: Any, eval_iters: Any, hooks: Sequence[Hook],
-         peak: tuple[float, str]) -> dict[str, Any]:
+         peak: tuple[float, str], identity: config_identity.Identity) -> dict[str, Any]:
   """The loop, once the state's layout and the checkpoint are known to fit."""
   t = config.train
   batch_sharding = sharding_lib.batch_sharding(mesh)
@@ -230,11 +248,12 @@ def _run(config: Any, workdir: str, *, model: nn.Module, model_cfg: Any, task: T
   # Resume order: the train state and the data iterator's position come from the same
   # checkpoint step and are both restored before the first batch is read; dropout keys are
   # fold_in(state.rng, step), so nothing else carries randomness across a restart.
-  if latest is not None:
-    state = ckpt.restore(latest, abstract, train_iter)
-  else:
+  if latest is not None:  # The newest step that loads and verifies (bad ones moved aside).
+    latest, state = recovery.restore_newest(ckpt, abstract, train_iter)
+  if latest is None:
     state = state_lib.create_state(init, shardings, config.seed)
   step = int(jax.device_get(state.step))
+  identity.commit(step)  # The first launch's config, or a change recorded at this step.
   # Activation sharding constraints (nn.with_logical_constraint in the layers) apply only under
   # the rules; switched off, XLA propagates the parameter and batch shardings by itself.
   rules_context = nn.logical_axis_rules(axis_rules if config.mesh.activation_constraints else ())
@@ -326,17 +345,21 @@ def _loop(config: Any, workdir: str, *, model: nn.Module, model_cfg: Any, task: 
         jax.block_until_ready(step_metrics)
         timing["seconds"] += time.perf_counter() - clock
         flush()
-      if do_eval:
-        eval_metrics = evaluate(state)
+      evaluated = None  # A SIGTERM stops a long eval early (None); the checkpoint still saves.
+      if do_eval and not stop:
+        evaluated = evaluate(state, preemption.agreed)
+        stop = evaluated is None
+      if evaluated is not None:
+        eval_metrics = evaluated
         writer.write(step, "eval", eval_metrics)
         writer.message(f"step {step}: eval " + ", ".join(f"{k} {v:.4g}"
                                                          for k, v in eval_metrics.items()))
       if do_ckpt or stop:
         ckpt.save(step, state, train_iter,
-                  metrics=eval_metrics if do_eval and t.best_metric in eval_metrics else None)
+                  metrics=evaluated if evaluated and t.best_metric in evaluated else None)
       if do_log or stop:
         clock = time.perf_counter()
-      if stop and not last:
+      if stop and not (last and evaluated is not None):
         ckpt.wait()
         writer.message(f"Preempted (SIGTERM): saved step {step} in {ckpt.directory}; "
                        "run the same command again to resume.")
@@ -381,7 +404,8 @@ def _summary(config: Any, workdir: str, *, state: state_lib.TrainState, model: n
     "config_hash": config_hash(config),
     "provenance": provenance.provenance(),  # Package versions and git commit.
     "sample": sample,
-    "config": _json_config(config),
+    "config": config_identity.as_json(config),
+    "config_changes": config_identity.history(workdir),
   }
   from attn.layers import registry  # Deferred like the models (see train_and_evaluate).
 

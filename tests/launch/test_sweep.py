@@ -34,7 +34,8 @@ def test_child_argv_is_a_list_with_values_intact():
 
 def test_status_of_run_directories(tmp_path):
   states = {"a": [], "b": ["error.json"], "c": ["checkpoints/"], "d": ["summary.json",
-                                                                     "error.json"]}
+                                                                     "error.json"],
+            "e": ["checkpoints/", "summary.json"]}
   for run, files in states.items():
     for name in files:
       path = tmp_path / run / name
@@ -42,9 +43,10 @@ def test_status_of_run_directories(tmp_path):
       if name.endswith("/"):
         path.mkdir()
       else:
-        path.write_text("{}")
-  assert [sweep.status(str(tmp_path / r)) for r in "abcd"] == [
-    "pending", "failed", "interrupted", "done"]
+        path.write_text('{"step": 4, "metrics": {}}' if run == "d" else "{")
+  # e: a damaged summary.json is not "done"; the relaunched run recomputes it.
+  assert [sweep.status(str(tmp_path / r)) for r in "abcde"] == [
+    "pending", "failed", "interrupted", "done", "interrupted"]
   assert sweep.status(str(tmp_path / "missing")) == "pending"
 
 

@@ -5,7 +5,8 @@
 Modes: run (train to the end); kill_after_checkpoint (SIGKILL once the checkpoint of step K is
 complete on disk); kill_during_save (SIGKILL right after the save of step K has started, before
 Orbax finalizes it); sigterm (SIGTERM to itself after step K); nan (the loss becomes NaN from
-step K on; unused by the tests, which poison the data instead); multihost (every process
+step K on; unused by the tests, which poison the data instead); sigterm_in_eval (SIGTERM
+after the first batch of the K-th evaluation); multihost (every process
 trains on its rows of the same global batches); load (load_params of the workdir's checkpoint
 onto one device, print its hash).
 """
@@ -127,6 +128,27 @@ def main() -> None:
 
     steps.train_step = nan_step
   make_data = _global_batches_sliced if args.mode == "multihost" else None
+  if args.mode == "sigterm_in_eval":
+    from attn import data
+
+    def make_data(cfg, **kwargs):
+      """The eval of step K gets a SIGTERM after its first batch; prints how many it read."""
+      train_iter, eval_iters, info = data.make_iterators(cfg, **kwargs)
+      calls = []
+
+      def eval_with_signal(num_batches=None):
+        calls.append(1)
+        read = 0
+        try:
+          for batch in eval_iters(num_batches=num_batches):
+            yield batch
+            read += 1
+            if len(calls) == args.at and read == 1:
+              os.kill(os.getpid(), signal.SIGTERM)
+        finally:
+          print("EVAL_BATCHES", len(calls), read, flush=True)
+
+      return train_iter, eval_with_signal, info
   result = train.train_and_evaluate(config, args.workdir, hooks=hooks, make_data=make_data)
   print("RESULT", json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float))}),
         flush=True)
