@@ -239,8 +239,8 @@ def _check_sizes(config: ml_collections.ConfigDict) -> None:
     if longest > model.max_len:
       field = "seq_len" if d.seq_len == longest else "target_len"
       raise ConfigError(f"config.model.max_len={model.max_len} is shorter than the data's "
-                        f"sequences ({longest}, config.data.{field}); raise model.max_len or "
-                        f"lower data.{field}.")
+                        f"sequences ({longest}) set by config.data.{field}; raise "
+                        f"model.max_len or lower data.{field}.")
 
 
 def check_against_data(model_cfg: Any, info: data_lib.DataInfo) -> None:

@@ -40,13 +40,19 @@ def test_default_experiment_trains_reports_and_resumes(data_dir, tmp_path):
   assert 3.0 < summary["metrics"]["loss"] < 5.6
   assert summary["metrics"]["bits_per_byte"] > 0 and isinstance(summary["sample"], str)
 
-  longer = _main(workdir, data_dir, "--config.train.num_steps=6",
-                 "--config.train.checkpoint_every=6", "--config.train.eval_every=6")
+  # More steps stretch the schedule (decay_steps follows num_steps): refused, then explicit.
+  more = ("--config.train.num_steps=6", "--config.train.checkpoint_every=6",
+          "--config.train.eval_every=6")
+  refused = _main(workdir, data_dir, *more)
+  assert refused.returncode == 1 and "optim.decay_steps: 4 -> 6" in refused.stderr
+  longer = _main(workdir, data_dir, *more, "--allow_config_change")
   assert longer.returncode == 0, longer.stderr[-3000:]
   assert "resuming at step 4" in longer.stderr
   with open(os.path.join(workdir, "summary.json")) as f:
     resumed = json.load(f)
   assert resumed["step"] == 6 and resumed["steps_this_run"] == 2
+  (change,) = resumed["config_changes"]
+  assert change["step"] == 4 and change["changes"]["optim.decay_steps"] == [4, 6]
   steps = [json.loads(line)["step"] for line in open(os.path.join(workdir, "metrics.jsonl"))
            if json.loads(line)["split"] == "train"]
   assert steps == [1, 2, 3, 4, 5, 6]

@@ -265,8 +265,8 @@ def test_sweep_checks_set_filter_and_changed_configs_before_starting(straight, t
 @pytest.mark.parametrize("overrides,match", [
   ({"data.seq_len": 0}, r"config.data.seq_len must be an int >= 1, got 0"),
   ({"data.seq_len": -4}, r"config.data.seq_len must be an int >= 1, got -4"),
-  ({"data.seq_len": 64}, r"max_len=32 is shorter than the data's sequences \(64, "
-                         r"config.data.seq_len\)"),
+  ({"data.seq_len": 64}, r"max_len=32 is shorter than the data's sequences \(64\) set by "
+                         r"config.data.seq_len"),
   ({"data.vocab_size": 0}, r"config.data.vocab_size must be an int >= 1"),
 ])
 def test_size_fields_are_config_errors_before_any_io(data_dir, tmp_path, overrides, match):
