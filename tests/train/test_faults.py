@@ -221,9 +221,9 @@ def test_raising_num_steps_on_a_finished_run(straight, data_dir, tmp_path):
   longer = tiny_config(data_dir, **{"train.num_steps": 8})
   with pytest.raises(config_identity.ConfigChangeError) as info:
     train.train_and_evaluate(longer, workdir)
-  # Cosine after 2 warmup steps, peak 3e-3: at step 6 the 6-step schedule has ended (0); over 8
-  # steps it is 3e-3 * (1 + cos(pi * 4 / 6)) / 2.
-  stretched = 3e-3 * (1 + np.cos(np.pi * 4 / 6)) / 2
+  # Warmup to the 3e-3 peak at step 1, cosine to 0 at the last step: at step 6 the 6-step
+  # schedule has ended (0); over 8 steps (last = 7) it is 3e-3 * (1 + cos(pi * 5 / 6)) / 2.
+  stretched = 3e-3 * (1 + np.cos(np.pi * 5 / 6)) / 2
   assert f"learning rate at step 6 jumps from 0 to {stretched:.4g}" in str(info.value)
   assert "--config.optim.decay_steps=6" in str(info.value)
   kept = tiny_config(data_dir, **{"train.num_steps": 8, "optim.decay_steps": 6})
