@@ -13,7 +13,7 @@ UV_VERSION := 0.13.9
 # Parallel test workers; 2 matches the CI machine. Override: make test JOBS=8.
 JOBS ?= 2
 
-.PHONY: train test test-all test-minimums bench bench-train reproduce lint lock clean
+.PHONY: train test test-all test-minimums bench bench-train bench-decode reproduce lint lock clean
 
 # Exact versions from the lock, then the package itself without resolving anything again.
 $(STAMP): pyproject.toml requirements/$(LOCK).txt
@@ -42,6 +42,9 @@ bench: $(STAMP)
 
 bench-train: $(STAMP)
 	$(PY) -m experiments.benchmarks.train
+
+bench-decode: $(STAMP)
+	$(PY) -m experiments.benchmarks.decode
 
 # The README's reproductions (experiments/reproductions/): SEEDS=3 for mean +- std.
 SEEDS ?= 1

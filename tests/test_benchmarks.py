@@ -155,3 +155,35 @@ def test_attention_timing_batches_short_calls_and_reports_seconds_per_call(monke
   per_sample = math.ceil(attn_bench.SAMPLE_SECONDS / 2**-10)
   assert per_sample > 1
   assert calls == {"short": 2 + 3 * per_sample, "long": 2 + 3}  # 2 warm-up calls each
+
+
+def test_decode_benchmark_times_prefilled_caches_and_checks_flatness():
+  """Tiny sizes end to end: the KV cache holds C + headroom slots of keys and values per
+  layer, the recurrent states do not grow with C, and the prefilled cache is what the step
+  continues from (index C). The flatness verdict follows max / min."""
+  from experiments.benchmarks import decode as decode_bench
+
+  sizes = dict(d_model=16, num_heads=2, num_layers=1)
+  rows = decode_bench.time_all([8, 16], ["softmax", "linear"], rounds=2, steps=2, **sizes)
+  by = {(r["mechanism"], r["context"]): r for r in rows}
+  assert len(by) == 4 and all(r["ms_per_token"] > 0 and len(r["ms_samples"]) == 2 for r in rows)
+  headroom = 2 * 3 + 8
+  for context in (8, 16):  # k and v: [B=1, C + headroom, K=2, H=8] float32, plus the index
+    assert by[("softmax", context)]["cache_bytes"] == 2 * (context + headroom) * 16 * 4 + 4
+  # linear: S [1, 2, 8, 8] + z [1, 2, 8] + key_max [1, 2] float32 + length int32.
+  assert by[("linear", 8)]["cache_bytes"] == by[("linear", 16)]["cache_bytes"] == (
+      (128 + 16 + 2) * 4 + 4)
+  model = decode_bench.model_config("linear", 8, headroom=4, **sizes)
+  decoder = decode_bench.build(model).clone(decode=True)
+  cache = decode_bench.filled_cache(decoder, 1, model.max_len, 8)
+  lengths = [x for x in jax.tree.leaves(cache) if x.dtype == jnp.int32]
+  assert lengths and all(int(x) == 8 for x in lengths)
+
+  fake = [{"mechanism": m, "context": c, "ms_per_token": t}
+          for m, c, t in [("linear", 1024, 1.0), ("linear", 16384, 1.08),
+                          ("performer", 1024, 1.0), ("performer", 16384, 1.2),
+                          ("softmax", 1024, 0.9), ("softmax", 16384, 3.0)]]
+  verdicts = decode_bench.check_targets(fake, 0.10)
+  assert verdicts["linear: ms/token max/min, C 1024-16384"]["met"]
+  assert not verdicts["performer: ms/token max/min, C 1024-16384"]["met"]
+  assert verdicts["linear: softmax slower from C"]["context"] == 16384
