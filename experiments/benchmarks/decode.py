@@ -16,7 +16,7 @@ cache memory against C) to experiments/benchmarks/results/, and checks the targe
   - recurrent decoding's time per token is flat: max / min over C in [1024, 16384] <= 1.10,
     for linear and performer;
 and reports where softmax's KV-cache step becomes slower than each recurrent step (the
-crossover). Hardware: any; on this 2-core CPU the default run takes ~5 minutes.
+crossover). Hardware: any; on this 2-core CPU the default run took ~11 minutes (under load).
 """
 
 import platform
