@@ -20,8 +20,9 @@ Budget:   mqar/l64 and mqar/l128 (vocab 256; 8,192 training problems), width 64,
 Found:    (1 seed, 2026-12-04, loaded machine) softmax at length 64 reached 0.181 after 800
           steps (train accuracy 0.245 at step 700): outside the band at this budget; the other
           5 runs are not run yet. The README's MQAR section found that on mqar/tiny the
-          project defaults (N(0, 1), RoPE, tied) learn recall (0.98 at 600 steps) while these
-          flax-style settings memorize; the next run should use the defaults and more steps.
+          project defaults (N(0, 1), RoPE, tied) learn recall (0.98 at 600 steps, 2 seeds)
+          while these flax-style settings memorize; the next run should use the defaults and
+          more steps.
 Command:  python -m experiments.reproduce --only mqar_recall [--seeds 3]
 Hardware: a 2-core CPU: 6 runs, ~4-8 min each unloaded (estimate; the measured wall time is in
           the README's table).
