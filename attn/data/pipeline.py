@@ -6,13 +6,17 @@
     for batch in eval_iters():          # a fresh, finite pass over the eval split
       ...
 
-Order of operations (each process reads only its own slice of the records):
-`tfds.data_source` -> slice [process_index::process_count] -> global shuffle (seed, reshuffled
-every epoch) -> repeat forever (train) -> tokenize -> LM windows -> pack (first-fit) or pad ->
-batch -> optional worker processes. Same config + seed = same batches; restoring an iterator's
-state continues with exactly the next batch. The state is per process and only means something
-for the same config, process_index, process_count and num_workers: Grain does not check this,
-so the trainer must store one state per process and refuse a restore with another count.
+Order of operations (the same on every process: topology-independent data):
+`tfds.data_source` -> global shuffle (seed, reshuffled every epoch) -> repeat forever (train) ->
+tokenize -> LM windows -> pack (first-fit, `global_batch_size` bins) or pad -> batch to
+`global_batch_size` rows -> this process's contiguous rows [process_index * B, (process_index
++ 1) * B) -> optional worker processes. Every process runs the whole pipeline and keeps its own
+rows, so the global batch at step s depends only on the config and the seed (not on the number
+of processes), and the iterator state is the same on every process: a checkpoint taken with one
+process count resumes with any other (`attn.train.checkpoint` reads any process's state file)
+and continues with exactly the next global batch. The state only means something for the same
+config (data, batch size, seed) and num_workers. With P processes each one reads, tokenizes and
+packs the whole global batch: P times the input work of slicing the records (see the README).
 
 Batch format (B = global_batch_size // process_count rows; T = seq_len; 0 is always padding):
 - lm:       inputs, targets [B, T] int32 (targets = inputs shifted by one within each document),
@@ -163,18 +167,26 @@ class _Plan:
   encode: transforms.Encode
   lengths: dict[str, int]  # Sequence features -> row length; empty for vision.
   pack: bool
-  batch_size: int
+  batch_size: int  # Global rows per batch (all processes).
   seed: int
   read_threads: int
   num_workers: int
   shuffle: bool
 
 
-def _pipeline(plan: _Plan, source: Any, *, train: bool, process_index: int,
-              process_count: int) -> grain.IterDataset:
-  """The Grain dataset for one split and one process."""
+class _Rows:
+  """Rows [lo, hi) of a batch: this process's share of a global batch."""
+
+  def __init__(self, lo: int, hi: int):
+    self.lo, self.hi = lo, hi
+
+  def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: v[self.lo:self.hi] for k, v in batch.items()}
+
+
+def _pipeline(plan: _Plan, source: Any, *, train: bool, rows: _Rows | None) -> grain.IterDataset:
+  """The Grain dataset for one split: global batches, or only `rows` of each one."""
   ds = grain.MapDataset.source(source)
-  ds = ds[process_index::process_count]  # Disjoint per-process shards that cover the split.
   if train:
     ds = ds.shuffle(seed=plan.seed) if plan.shuffle else ds
     ds = ds.repeat(None)  # Reshuffled every epoch (the epoch is folded into the seed).
@@ -193,6 +205,8 @@ def _pipeline(plan: _Plan, source: Any, *, train: bool, process_index: int,
     lengths = dict(plan.lengths)
     ids = ids.map(lambda x: transforms.pad_example(x, lengths))
   ids = ids.batch(plan.batch_size, drop_remainder=train)
+  if rows is not None:
+    ids = ids.map(rows)
   task = plan.spec.task
   ids = ids.map(lambda b: transforms.finalize_batch(b, task))
   if plan.num_workers > 0:
@@ -222,10 +236,12 @@ def make_iterators(
       `jax.process_count()`.
 
   Returns:
-    train_iter: an endless, checkpointable `grain.DatasetIterator` of this process's batches.
+    train_iter: an endless, checkpointable `grain.DatasetIterator` of this process's rows of
+      the global batches; its state is the same on every process.
     eval_iters: `eval_iters(num_batches=None)` -> a fresh finite iterator over the eval split.
-      With `num_batches` it yields exactly that many batches, all-padding ones after the data
-      runs out: pass it in multi-process runs so that every process runs the same eval steps.
+      Every process gets its rows of the same global eval batches (the last one padded to
+      `global_batch_size` rows before it is split). With `num_batches` it yields exactly that
+      many batches, all-padding ones after the data runs out.
     info: a `DataInfo`.
   """
   if process_index is None or process_count is None:
@@ -260,19 +276,19 @@ def make_iterators(
     "vision": {},
   }[spec.task]
   batch_size = global_batch_size // process_count
+  rows = _Rows(process_index * batch_size, (process_index + 1) * batch_size)
   shuffle_seed = int(_get(cfg, "seed", seed)) % (2**32)
   plan = _Plan(
     name=full, spec=spec,
     encode=transforms.Encode(spec, tokenizer, seq_len, target_len, overflow),
-    lengths=lengths, pack=pack, batch_size=batch_size, seed=shuffle_seed,
+    lengths=lengths, pack=pack, batch_size=global_batch_size, seed=shuffle_seed,
     read_threads=int(_get(cfg, "read_threads")), num_workers=int(_get(cfg, "num_workers")),
     shuffle=bool(_get(cfg, "shuffle", True)),
   )
 
-  train_ds = _pipeline(plan, train_source, train=True, process_index=process_index,
-                       process_count=process_count)
+  train_ds = _pipeline(plan, train_source, train=True, rows=rows)
   eval_ds = _pipeline(dataclasses.replace(plan, num_workers=0), eval_source, train=False,
-                      process_index=process_index, process_count=process_count)
+                      rows=None)  # Global batches: padded to the global size, then split.
   drop = bool(_get(cfg, "eval_drop_remainder"))
 
   def eval_iters(num_batches: int | None = None) -> Iterator[dict[str, np.ndarray]]:
@@ -282,15 +298,16 @@ def make_iterators(
     for batch in eval_ds:
       if num_batches is not None and count >= num_batches:
         return
-      if next(iter(batch.values())).shape[0] < batch_size:
+      if next(iter(batch.values())).shape[0] < global_batch_size:
         if drop:
           break
-        batch = transforms.pad_batch(batch, batch_size)
+        batch = transforms.pad_batch(batch, global_batch_size)
+      batch = rows(batch)
       template = batch
       count += 1
       yield batch
     if num_batches is not None and count < num_batches:
-      if template is None:  # This process got no eval data at all; shapes from a train batch.
+      if template is None:  # The eval split is empty; shapes from a train batch.
         template = next(iter(train_ds))
       empty = transforms.zeros_like_batch(template)
       for _ in range(num_batches - count):

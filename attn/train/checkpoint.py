@@ -7,8 +7,11 @@
     params = load_params(workdir)         # any checkpoint onto one device (e.g. in Colab)
 
 Layout: `workdir/checkpoints/<step>/{state,data,checksums}`; `data` holds one Grain state file
-per process, `checksums` a fingerprint of every array and the SHA-256 of every data state. A
-save is complete only once Orbax has renamed its temporary folder: a run killed midway leaves a
+per process, all the same (every process runs the same global data pipeline, see
+`attn.data.pipeline`), so a step written by P processes resumes with any number of processes:
+the restore reads process 0's file, whatever the process count now. `checksums` holds a
+fingerprint of every array and the SHA-256 of every data state. A save is complete only once
+Orbax has renamed its temporary folder: a run killed midway leaves a
 `*.orbax-checkpoint-tmp*` folder, which is ignored and removed at the next start.
 `workdir` may be a bucket URL (`gs://...`): Orbax writes the arrays through TensorStore's gcs
 driver and the rest through etils.epath; a bucket has no rename, so there a step counts as
@@ -21,6 +24,7 @@ deleted) with a message naming the file and the error, and the newest good step 
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import grain
@@ -120,25 +124,33 @@ class Checkpointer:
       self.restore_data(step, data_iter)
     return state
 
-  def check_data_processes(self, step: int) -> None:
-    """ConfigError if the step's data states were written by another number of processes."""
+  def data_state_file(self, step: int) -> str:
+    """The data state file a restore reads: process 0's, whichever number of processes wrote
+    the step (ConfigError if the states differ: the old per-process sliced pipeline)."""
     data_dir = storage.join(self.directory, str(step), "data")
-    index, count = jax.process_index(), jax.process_count()
-    if storage.isdir(data_dir) and not storage.exists(
-        storage.join(data_dir, f"process_{index}-of-{count}.json")):
-      saved = [n for n in storage.listdir(data_dir) if n.startswith("process_")]
-      if saved:
-        raise ConfigError(
-          f"{data_dir} holds data-iterator states {saved}, written by another number of "
-          f"processes than the {count} running now; the data position cannot be carried over. "
-          "Resume with the same number of processes, or start a new workdir."
-        )
+    names = storage.listdir(data_dir) if storage.isdir(data_dir) else []
+    counts = sorted(int(n[len("process_0-of-"):-len(".json")]) for n in names
+                    if n.startswith("process_0-of-") and n.endswith(".json"))
+    if not counts:  # Missing: reading this path fails, and recovery names it.
+      return storage.join(data_dir, f"process_0-of-{jax.process_count()}.json")
+    count = counts[-1]
+    first, last = (storage.join(data_dir, f"process_{i}-of-{count}.json") for i in (0, count - 1))
+    if count > 1 and json.loads(storage.read_text(first)) != json.loads(storage.read_text(last)):
+      raise ConfigError(
+        f"{data_dir} holds a different data-iterator state per process (written when each "
+        "process read its own slice of the records); this version cannot carry that position "
+        "over. Start a new workdir, or resume with the version that wrote it."
+      )
+    return first
+
+  def check_data_processes(self, step: int) -> None:
+    """ConfigError if the step's data state cannot be restored (with any process count)."""
+    self.data_state_file(step)
 
   def restore_data(self, step: int, data_iter: Any) -> None:
-    """Moves `data_iter` to where it was at `step` (ConfigError for another process count)."""
-    self.check_data_processes(step)
-    self.manager.restore(step, args=ocp.args.Composite(
-      data=grain.checkpoint.CheckpointRestore(data_iter)))
+    """Moves `data_iter` to where it was at `step`, whatever the process count now."""
+    data_iter.set_state(json.loads(storage.read_text(self.data_state_file(step))))
+    data_iter.start_prefetch()  # As Grain's own restore does.
 
   def wait(self) -> None:
     """Blocks until every started save is complete on disk."""

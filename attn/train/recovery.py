@@ -112,8 +112,8 @@ def _verified_restore(ckpt: Checkpointer, step: int, abstract_state: Any, data_i
   if data_iter is not None:
     ckpt.check_data_processes(step)
   if sums is not None and data_iter is not None:
-    name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-    path = storage.join(step_dir, "data", name)
+    path = ckpt.data_state_file(step)  # Process 0's: the same on every process.
+    name = storage.Path(path).name
     with _blame(path):
       actual = checksums.data_state(json.loads(storage.read_text(path)))
       if sums.get("data", {}).get(name) != actual:

@@ -189,9 +189,6 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *,
   sharding_lib.check_model_fits(mesh, model_cfg, batch_size=t.batch_size,
                                 grad_accum_steps=t.grad_accum_steps,
                                 process_count=jax.process_count())
-  if jax.process_count() > 1 and not t.eval_steps:
-    raise config_lib.ConfigError("Multi-process runs need config.train.eval_steps > 0 so that "
-                                 "every process runs the same number of eval steps.")
   train_iter, eval_iters, info = (make_data or data_lib.make_iterators)(
     config.data, global_batch_size=t.batch_size, seed=config.seed)
   config_lib.check_against_data(model_cfg, info)

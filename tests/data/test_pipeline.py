@@ -113,6 +113,43 @@ def test_seq2seq_packing_aligns_decoder_inputs_with_targets(make_cfg):
       np.testing.assert_array_equal(dec[1:], tgt[:-1])  # Teacher forcing: shifted by one.
 
 
+@pytest.mark.parametrize("name,overrides", [
+  ("pystdlib/tiny", {"seq_len": 32, "pack": True}),
+  ("algorithmic/reverse", {"seq_len": 40}),
+  ("digits", {}),
+])
+def test_global_batches_do_not_depend_on_the_process_count(make_cfg, name, overrides):
+  """Concatenating every process's rows gives the single-process batches, for P = 1, 2, 4;
+  the iterator state is the same on every process, and one saved with P = 2 resumes with
+  P = 1 and P = 4 at exactly the next global batch."""
+  cfg = make_cfg(name, **overrides)
+  single = _iterators(cfg, batch=8)[0]
+  expected = _take(single, 5)
+  expected_eval = list(_iterators(cfg, batch=8)[1]())
+  for count in (2, 4):
+    its = [_iterators(cfg, batch=8, index=i, count=count)[0] for i in range(count)]
+    got = [[next(it) for it in its] for _ in range(5)]
+    assert all(len(part["weights"]) == 8 // count for step in got for part in step)
+    _assert_batches_equal(expected, [{k: np.concatenate([p[k] for p in step]) for k in step[0]}
+                                     for step in got])
+    states = [json.loads(json.dumps(it.get_state())) for it in its]
+    assert all(state == states[0] for state in states)
+    evals = [list(_iterators(cfg, batch=8, index=i, count=count)[1]()) for i in range(count)]
+    assert len({len(e) for e in evals}) == 1  # Every process runs the same eval steps.
+    _assert_batches_equal(expected_eval, [{k: np.concatenate([e[j][k] for e in evals])
+                                           for k in evals[0][j]} for j in range(len(evals[0]))])
+  assert states[0] == json.loads(json.dumps(single.get_state()))  # After 5 batches, any P.
+  following = _take(single, 3)
+  for count in (1, 4):
+    parts = []
+    for index in range(count):
+      it = _iterators(cfg, batch=8, index=index, count=count)[0]
+      it.set_state(states[0])
+      parts.append(_take(it, 3))
+    _assert_batches_equal(following, [{k: np.concatenate([p[j][k] for p in parts])
+                                       for k in parts[0][j]} for j in range(3)])
+
+
 @pytest.mark.parametrize("count", [2, 3])
 def test_process_shards_are_disjoint_and_cover_the_split(make_cfg, data_dir, count):
   cfg = make_cfg("mqar/tiny", seq_len=32, pack=False)

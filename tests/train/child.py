@@ -6,9 +6,9 @@ Modes: run (train to the end); kill_after_checkpoint (SIGKILL once the checkpoin
 complete on disk); kill_during_save (SIGKILL right after the save of step K has started, before
 Orbax finalizes it); sigterm (SIGTERM to itself after step K); nan (the loss becomes NaN from
 step K on; unused by the tests, which poison the data instead); sigterm_in_eval (SIGTERM
-after the first batch of the K-th evaluation); multihost (every process
-trains on its rows of the same global batches); load (load_params of the workdir's checkpoint
-onto one device, print its hash).
+after the first batch of the K-th evaluation); load (load_params of the workdir's checkpoint
+onto one device, print its hash). Several processes (the multi-host tests) are started with
+JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
 """
 
 import argparse
@@ -16,49 +16,10 @@ import json
 import os
 import signal
 
-import grain
 import jax.numpy as jnp
 from jax import config as jax_config
 
 jax_config.update("jax_numpy_rank_promotion", "raise")
-
-
-class _Rows(grain.DatasetIterator):
-  """Rows [lo, hi) of every batch of a parent iterator (state = the parent's)."""
-
-  def __init__(self, parent, lo: int, hi: int):
-    super().__init__(parent)
-    self.lo, self.hi = lo, hi
-
-  def __next__(self):
-    return {k: v[self.lo:self.hi] for k, v in next(self._parent).items()}
-
-  def get_state(self):
-    return self._parent.get_state()
-
-  def set_state(self, state):
-    self._parent.set_state(state)
-
-
-def _global_batches_sliced(cfg, *, global_batch_size, seed, **unused):
-  """Every process reads the single-process pipeline's global batches and keeps its own rows,
-  so that 1 or 2 processes train on exactly the same global batches."""
-  import jax
-
-  from attn import data
-
-  train_iter, eval_iters, info = data.make_iterators(
-    cfg, global_batch_size=global_batch_size, seed=seed, process_index=0, process_count=1)
-  n = global_batch_size // jax.process_count()
-  lo, hi = jax.process_index() * n, (jax.process_index() + 1) * n
-
-  def local_eval(num_batches=None):
-    for batch in eval_iters(num_batches=num_batches):
-      yield {k: v[lo:hi] for k, v in batch.items()}
-
-  import dataclasses
-
-  return _Rows(train_iter, lo, hi), local_eval, dataclasses.replace(info, batch_size=n)
 
 
 def main() -> None:
@@ -127,7 +88,7 @@ def main() -> None:
       return new_state, metrics
 
     steps.train_step = nan_step
-  make_data = _global_batches_sliced if args.mode == "multihost" else None
+  make_data = None
   if args.mode == "sigterm_in_eval":
     from attn import data
 

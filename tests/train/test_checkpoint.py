@@ -151,15 +151,30 @@ def test_keep_latest_n_and_best_by_metric(tmp_path):
   assert Checkpointer(str(tmp_path), read_only=True).all_steps() == [2, 4, 5]
 
 
-def test_data_state_from_another_process_count_is_refused(tmp_path):
+def test_data_state_saved_by_two_processes_resumes_in_one(tmp_path):
+  """The pipeline's state is the same on every process, so a checkpoint written by 2 processes
+  moves a 1-process iterator to the same position; per-process states (the old sliced pipeline)
+  are refused."""
   ckpt = Checkpointer(str(tmp_path))
   it = iter(grain.MapDataset.range(8).to_iter_dataset())
+  assert [next(it) for _ in range(3)] == [0, 1, 2]
   ckpt.save(1, {"w": jnp.ones(2)}, it)
+  next(it)
+  ckpt.save(2, {"w": jnp.ones(2)}, it)
   ckpt.close()
-  data = tmp_path / "checkpoints" / "1" / "data"
-  (data / "process_0-of-1.json").rename(data / "process_0-of-2.json")
+  for step in (1, 2):
+    data = tmp_path / "checkpoints" / str(step) / "data"
+    (data / "process_0-of-1.json").rename(data / "process_0-of-2.json")
+  one = tmp_path / "checkpoints" / "1" / "data"
+  (one / "process_1-of-2.json").write_text((one / "process_0-of-2.json").read_text())
+  two = tmp_path / "checkpoints" / "2" / "data"
+  (two / "process_1-of-2.json").write_text((one / "process_0-of-2.json").read_text())
   ckpt = Checkpointer(str(tmp_path))
   abstract = {"w": jax.ShapeDtypeStruct((2,), jnp.float32)}
-  with pytest.raises(train.ConfigError, match="another number of processes"):
-    ckpt.restore(1, abstract, it)
+  fresh = iter(grain.MapDataset.range(8).to_iter_dataset())
+  restored = ckpt.restore(1, abstract, fresh)
+  np.testing.assert_array_equal(restored["w"], np.ones(2))
+  assert [next(fresh) for _ in range(2)] == [3, 4]
+  with pytest.raises(train.ConfigError, match="different data-iterator state per process"):
+    ckpt.restore(2, abstract, fresh)
   ckpt.close()
