@@ -104,7 +104,8 @@ def _rope_then_attend(query, key, value, *, positions, base, fraction, bias, mas
 
 
 def flax_attention_layer(config: models.ModelConfig, name: str, *, rope: bool,
-                         decode: bool = False, mechanism: str = "softmax"):
+                         decode: bool = False, mechanism: str = "softmax",
+                         layer_index: int | None = None):
   """A drop-in for `transformer.attention_layer` built from flax's own attention layer.
 
   Returns a callable with `MultiHeadAttention`'s call signature (the keywords Block passes);
