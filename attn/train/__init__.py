@@ -7,7 +7,8 @@
 
 Modules: config (sections + validation), optimizer, sharding (mesh, rules, placement), state
 (shape-first sharded init), tasks (lm / seq2seq / classify), steps (pure train / eval steps),
-checkpoint (Orbax + Grain), metrics (jsonl, TensorBoard, summary numbers), trainer, distributed.
+checkpoint (Orbax + Grain), evaluate (the evaluator), metrics (jsonl, TensorBoard, summary
+numbers, throughput), trainer, distributed.
 """
 
 from attn.train import checkpoint

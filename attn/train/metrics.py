@@ -10,6 +10,7 @@ retries when the bucket is out of reach.)
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -18,6 +19,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -188,6 +190,58 @@ def params_sha256(params: Any) -> str:
     digest.update(f"{array.dtype.str}{array.shape}".encode())
     digest.update(array.tobytes())
   return digest.hexdigest()
+
+
+class ThroughputMeter:
+  """Steps/s and tokens/s of the training steps alone, cumulative over this run.
+
+  The clock starts when the first step has finished (compilation is not throughput) and is
+  stopped around host work (logs, evals, checkpoints) with `paused`:
+
+      meter.step(metrics)              # after each train step
+      with meter.paused(metrics):      # waits for the step, stops the clock
+        ...                            # logs read meter.rates(); evals; checkpoints
+  """
+
+  def __init__(self, tokens_per_step: float) -> None:
+    self.tokens_per_step = tokens_per_step
+    self.steps = 0  # Timed steps (the first one is not).
+    self.seconds = 0.0
+    self._clock: float | None = None
+    self._started = False
+
+  def step(self, step_metrics: Any) -> None:
+    """Counts a step; the first one is waited for and starts the clock."""
+    if self._started:
+      self.steps += 1
+      return
+    jax.block_until_ready(step_metrics)
+    self._started = True
+    self._clock = time.perf_counter()
+
+  @contextlib.contextmanager
+  def paused(self, step_metrics: Any) -> Iterator[None]:
+    """Waits for the last step, stops the clock for the block, restarts it after."""
+    jax.block_until_ready(step_metrics)
+    if self._clock is not None:
+      self.seconds += time.perf_counter() - self._clock
+    self._clock = None
+    try:
+      yield
+    finally:
+      self._clock = time.perf_counter()
+
+  @property
+  def steps_per_second(self) -> float | None:
+    """None until a step was timed."""
+    return self.steps / self.seconds if self.steps and self.seconds > 0 else None
+
+  def rates(self) -> dict[str, float]:
+    """{steps_per_second, tokens_per_second}; {} until a step was timed."""
+    rate = self.steps_per_second
+    if rate is None:
+      return {}
+    return {"steps_per_second": rate, "tokens_per_second": rate * self.tokens_per_step}
 
 
 def measure_matmul_flops(n: int = 1024, repeats: int = 5) -> float:

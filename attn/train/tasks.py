@@ -95,6 +95,16 @@ class Task:
     del generate_fn, batches
     return {}
 
+  def sample(self, model: Any, params: Any, *, prompt: str, max_tokens: int,
+             temperature: float, seed: int) -> str | None:
+    """Text generated from `prompt` at the end of a run (LMs); None for the others."""
+    del model, params, prompt, max_tokens, temperature, seed
+    return None
+
+  def tokens_per_row(self) -> int:
+    """The tokens a batch row counts for tokens/s."""
+    return self.info.seq_len
+
   def dummy_batch(self, batch_size: int) -> dict[str, np.ndarray]:
     """A batch of the right shapes and dtypes, for shape-first init."""
     raise NotImplementedError
@@ -134,6 +144,24 @@ class LMTask(Task):
       metrics["bits_per_byte"] = float(sums["loss_sum"]) / math.log(2) / float(sums["byte_sum"])
     return metrics
 
+  def sample(self, model: Any, params: Any, *, prompt: str, max_tokens: int,
+             temperature: float, seed: int) -> str | None:
+    info = self.info
+    if not max_tokens or info.tokenizer is None:
+      return None
+    from attn import decode  # Deferred: decoding is needed once, at the end of a run.
+
+    prompt_ids = np.concatenate([[info.bos_id], info.tokenizer.encode(prompt)])
+    # The KV cache holds model.max_len positions: a longer sample is cut to fit, not an error
+    # at the end of a finished run.
+    new_tokens = min(int(max_tokens), model.config.max_len - len(prompt_ids))
+    if new_tokens <= 0:
+      return None
+    out = decode.generate(model, params, jnp.asarray(prompt_ids[None], jnp.int32),
+                          max_new_tokens=new_tokens, rng=jax.random.PRNGKey(seed),
+                          temperature=float(temperature), eos_id=info.eos_id)
+    return info.tokenizer.decode(np.asarray(out)[0, 1:])
+
   def dummy_batch(self, batch_size: int) -> dict[str, np.ndarray]:
     t = self.info.seq_len
     return {"inputs": _tokens(batch_size, t), "targets": _tokens(batch_size, t),
@@ -164,6 +192,9 @@ class Seq2SeqTask(Task):
     metrics = super().finalize(sums)
     metrics["perplexity"] = math.exp(min(metrics["loss"], 50.0))
     return metrics
+
+  def tokens_per_row(self) -> int:
+    return self.info.seq_len + self.info.target_len
 
   def extra_eval(self, generate_fn: Any, batches: Iterable[Batch]) -> dict[str, float]:
     """Greedy-decodes the sources and scores the hypotheses against the targets."""
@@ -216,6 +247,9 @@ class ClassifyTask(Task):
 
   def labels(self, batch: Batch) -> tuple[jax.Array, jax.Array]:
     return batch["label"], batch["weights"]
+
+  def tokens_per_row(self) -> int:
+    return 1 if self.info.task == "vision" else self.info.seq_len  # An image counts as one.
 
   def inputs(self, batch: Batch) -> tuple[tuple[Any, ...], dict[str, Any]]:
     if "image" in batch:

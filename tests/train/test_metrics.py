@@ -87,3 +87,25 @@ def test_plain_log_line_when_the_bar_is_off(tmp_path, capsys):
   # 10 steps in 30 s, 70 to go: 210 s.
   assert line == "step 30/100: loss 3.215, tok/s 1.235e+04, eta 3m30s"
   assert re.fullmatch(r"\d+m\d\ds", metrics._duration(95.4)) and metrics._duration(3725) == "1h02m"
+
+
+def test_throughput_meter_times_steps_only(monkeypatch):
+  """The first step (compilation) and paused host work (evals, logs) are not step time."""
+  now = [100.0]
+  monkeypatch.setattr(metrics.time, "perf_counter", lambda: now[0])
+  meter = metrics.ThroughputMeter(tokens_per_step=512)
+  meter.step({})  # Step 1 finishes at t=100 after a long compile: the clock starts here.
+  with meter.paused({}):  # A log right after step 1: nothing timed yet.
+    assert meter.rates() == {} and meter.steps_per_second is None
+  for _ in range(4):  # Steps 2-5, half a second each.
+    now[0] += 0.5
+    meter.step({})
+  with meter.paused({}):
+    assert meter.rates() == {"steps_per_second": 2.0, "tokens_per_second": 1024.0}
+    now[0] += 60.0  # An eval: not counted.
+  now[0] += 2.0  # Step 6 takes two seconds.
+  meter.step({})
+  with meter.paused({}):
+    pass
+  assert (meter.steps, meter.seconds) == (5, 4.0)
+  assert meter.steps_per_second == 1.25 and meter.rates()["tokens_per_second"] == 640.0
