@@ -15,6 +15,17 @@ from attn import provenance
 RESULTS_DIR = pathlib.Path(__file__).parent / "results"
 
 OUT = flags.DEFINE_string("out", "", "JSON path (default: results/<benchmark>_<device>.json).")
+MECHANISMS = flags.DEFINE_list("mechanisms", None, "Registry mechanisms (model.attention values) "
+                               "to measure; default: every one the benchmark applies to.")
+QUICK = flags.DEFINE_boolean("quick", False, "Smoke run: the benchmark's QUICK flag values "
+                             "(flags given explicitly win); results/<benchmark>_quick_<device>.")
+
+
+def apply_quick(values: dict[str, Any]) -> None:
+  """--quick: set the flags in `values` that were not given on the command line."""
+  for name, value in values.items():
+    if not flags.FLAGS[name].present:
+      flags.FLAGS[name].value = value
 
 
 def device_name() -> str:
