@@ -65,7 +65,10 @@ def decay_mask(params: Any) -> Any:
   """
 
   def keep(path: tuple[Any, ...], leaf: Any) -> bool:
-    names = [jax.tree_util.keystr((k,), simple=True).lower() for k in path]
+    # Attributes are not names: a wrapped parameter (a flax box, sharding.optimizer_shardings'
+    # tag) adds `.value` to its path.
+    names = [jax.tree_util.keystr((k,), simple=True).lower() for k in path
+             if not isinstance(k, jax.tree_util.GetAttrKey)]
     if names and names[-1] in ("bias", "scale", "embedding_bias"):
       return False
     if any("norm" in n for n in names):

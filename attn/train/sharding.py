@@ -11,9 +11,11 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import numpy as np
+import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from attn.train.config import MESH_AXES, ConfigError
@@ -90,29 +92,37 @@ def logical_shardings(boxed_tree: Any, mesh: Mesh, axis_rules: Any) -> Any:
   return nn.logical_to_mesh_sharding(specs, mesh, axis_rules)
 
 
-def _path_key(path: tuple[Any, ...]) -> tuple[str, ...]:
-  return tuple(jax.tree_util.keystr((k,), simple=True) for k in path)
+@flax.struct.dataclass
+class _Tagged:
+  """A parameter carrying its sharding and shape through `tx.init` (as pytree metadata)."""
+
+  value: Any
+  sharding: NamedSharding = flax.struct.field(pytree_node=False)
+  shape: tuple[int, ...] = flax.struct.field(pytree_node=False)
 
 
-def match_param_shardings(tree: Any, params: Any, param_shardings: Any, mesh: Mesh) -> Any:
-  """Shardings for an optimizer state: a leaf that ends with a parameter's path and has its
-  shape (Adam's moments, momentum) is sharded like that parameter; the rest (counts, Adafactor's
-  factored statistics) is replicated. Works for any optax state without knowing its layout."""
-  by_path = {}
-  for (path, leaf), sharding in zip(jax.tree_util.tree_flatten_with_path(params)[0],
-                                    jax.tree.leaves(param_shardings), strict=True):
-    by_path[_path_key(path)] = (tuple(leaf.shape), sharding)
+def optimizer_shardings(tx: optax.GradientTransformation, abstract_params: Any,
+                        param_shardings: Any, mesh: Mesh) -> Any:
+  """Shardings for `tx.init(params)`, derived from the parameters' (flax's sharding guide).
+
+  `tx.init` runs under `jax.eval_shape` (nothing is allocated) on the parameters, each tagged
+  with its sharding; optax builds its per-parameter state by mapping over the parameter tree,
+  so every leaf made from a parameter comes back with that parameter's tag (as flax's
+  LogicallyPartitioned boxes carry axis names through `tx.init`). Such a leaf of the
+  parameter's shape (Adam's moments, momentum) gets the parameter's sharding; the rest
+  (step counts, Adafactor's factored row / column statistics) is replicated.
+  """
+  tagged = jax.tree.map(lambda p, s: _Tagged(p, s, tuple(p.shape)), abstract_params,
+                        param_shardings)
+  state = jax.eval_shape(tx.init, tagged)
   replicated = NamedSharding(mesh, PartitionSpec())
 
-  def pick(path: tuple[Any, ...], leaf: Any) -> NamedSharding:
-    key = _path_key(path)
-    for start in range(len(key)):
-      hit = by_path.get(key[start:])
-      if hit is not None and hit[0] == tuple(np.shape(leaf)):
-        return hit[1]
+  def pick(leaf: Any) -> NamedSharding:
+    if isinstance(leaf, _Tagged) and tuple(leaf.value.shape) == leaf.shape:
+      return leaf.sharding
     return replicated
 
-  return jax.tree_util.tree_map_with_path(pick, tree)
+  return jax.tree.map(pick, state, is_leaf=lambda x: isinstance(x, _Tagged))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -56,8 +56,9 @@ def make_init_fn(model: nn.Module, task: Task, tx: optax.GradientTransformation,
   return init
 
 
-def state_shardings(model: nn.Module, task: Task, abstract: TrainState, mesh: Mesh,
-                    axis_rules: Any, batch_size: int) -> TrainState:
+def state_shardings(model: nn.Module, task: Task, tx: optax.GradientTransformation,
+                    abstract: TrainState, mesh: Mesh, axis_rules: Any,
+                    batch_size: int) -> TrainState:
   """NamedShardings for every leaf of the state."""
   boxed = jax.eval_shape(
     lambda: _init_variables(model, task, jax.random.PRNGKey(0), batch_size)
@@ -68,8 +69,7 @@ def state_shardings(model: nn.Module, task: Task, abstract: TrainState, mesh: Me
   return TrainState(
     step=replicated,
     params=params_shardings,
-    opt_state=sharding_lib.match_param_shardings(abstract.opt_state, abstract.params,
-                                                 params_shardings, mesh),
+    opt_state=sharding_lib.optimizer_shardings(tx, abstract.params, params_shardings, mesh),
     batch_stats=jax.tree.map(lambda _: replicated, abstract.batch_stats),
     rng=replicated,
   )
@@ -80,7 +80,7 @@ def abstract_state(model: nn.Module, task: Task, tx: optax.GradientTransformatio
   """(abstract state with shardings, its shardings, the init function); compiles nothing."""
   init = make_init_fn(model, task, tx, batch_size)
   shapes = jax.eval_shape(init, jnp.zeros((), jnp.uint32))
-  shardings = state_shardings(model, task, shapes, mesh, axis_rules, batch_size)
+  shardings = state_shardings(model, task, tx, shapes, mesh, axis_rules, batch_size)
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                           shapes, shardings)
   return abstract, shardings, init
