@@ -226,6 +226,15 @@ def test_attention_benchmark_skips_what_exceeds_the_memory_budget(bench_flags, m
   bench_flags.max_memory_gib = 0.0
   assert attn_bench.memory_budget() > 2**28  # the device's (or host's) memory
 
+  def unbuildable(name, *args, **kwargs):
+    raise ValueError(f"{name} cannot be built here")
+
+  monkeypatch.setattr(attn_bench, "mechanism_layer", unbuildable)
+  bench_flags.mechanisms = ["mla"]
+  result = attn_bench.measure()  # reported, not raised: the other paths still run
+  assert {"length": 16, "mode": "fwd+bwd", "implementation": "mla",
+          "reason": "ValueError: mla cannot be built here"} in result["skipped"]
+
 
 def test_attention_growth_check_is_every_recurrent_mechanism(capsys):
   """#18: Gated DeltaNet's forward+backward time may grow <= 5x from T=2048 to 8192; the same
@@ -278,7 +287,7 @@ def test_decode_benchmark_times_prefilled_caches_and_checks_flatness():
                                **sizes)
   by = {(r["mechanism"], r["context"]): r for r in rows}
   assert len(by) == 4 and all(r["ms_per_token"] > 0 and len(r["ms_samples"]) == 2 for r in rows)
-  headroom = 2 * 3 + 8
+  headroom = 2 * 4 + 8
   for context in (8, 16):  # k and v: [B=1, C + headroom, K=2, H=8] float32, plus the index
     assert by[("softmax", context)]["cache_bytes"] == 2 * (context + headroom) * 16 * 4 + 4
   assert by[("gated_deltanet", 8)]["cache_bytes"] == by[("gated_deltanet", 16)]["cache_bytes"]

@@ -177,6 +177,9 @@ def _rows_never_empty(q_len: int, kv_len: int, *, mask, is_causal: bool, query_s
     return False
   if q_len == kv_len:
     return True
+  if not is_causal and all(x is None for x in (segment_ids, local_window_size, prefix_lengths,
+                                               chunk_size)):
+    return kv_len > 0  # nothing masks anything (cross-attention, linformer's projected keys)
   plain_causal = is_causal and all(x is None for x in (
       segment_ids, local_window_size, prefix_lengths, chunk_size))
   return plain_causal and kv_len > 0

@@ -242,8 +242,9 @@ def model_flops(length: int, mode: str) -> float:
   return forward if mode == "fwd" else 3.5 * forward
 
 
-def _paths(length: int) -> list[tuple[str, str, str, Callable, tuple, bool]]:
-  """(name, group, mode, fn, args, causal) of everything measured at this length."""
+def _paths(length: int, skipped: list[dict]) -> list[tuple[str, str, str, Callable, tuple, bool]]:
+  """(name, group, mode, fn, args, causal) of everything measured at this length; a mechanism
+  that cannot be built goes to `skipped`."""
   kv_heads = _KV_HEADS.value or _HEADS.value
   dtype = jnp.dtype(_DTYPE.value)
   keys = jax.random.split(jax.random.key(length), 3)
@@ -255,9 +256,14 @@ def _paths(length: int) -> list[tuple[str, str, str, Callable, tuple, bool]]:
     for name, fn in baselines(_CAUSAL.value).items():
       paths.append((name, BASELINE, mode, wrap(fn), (q, k, v), _CAUSAL.value))
   for name in mechanism_names():
-    fn, args, causal = mechanism_layer(
-        name, length, causal=_CAUSAL.value, batch=_BATCH.value, heads=_HEADS.value,
-        kv_heads=kv_heads, head_dim=_HEAD_DIM.value, dtype=_DTYPE.value)
+    try:
+      fn, args, causal = mechanism_layer(
+          name, length, causal=_CAUSAL.value, batch=_BATCH.value, heads=_HEADS.value,
+          kv_heads=kv_heads, head_dim=_HEAD_DIM.value, dtype=_DTYPE.value)
+    except Exception as e:  # noqa: BLE001  (reported, the other paths still run)
+      skipped.append({"length": length, "mode": "fwd+bwd", "implementation": name,
+                      "reason": _error(e)})
+      continue
     paths.append((name, MECHANISM, "fwd+bwd", forward_and_backward(fn), args, causal))
   return paths
 
@@ -265,7 +271,7 @@ def _paths(length: int) -> list[tuple[str, str, str, Callable, tuple, bool]]:
 def run_length(length: int, budget: float, skipped: list[dict]) -> list[dict]:
   """Every path at one sequence length; what does not fit or fails goes to `skipped`."""
   rows, calls = [], {}
-  for name, group, mode, fn, args, causal in _paths(length):
+  for name, group, mode, fn, args, causal in _paths(length, skipped):
     where = {"length": length, "mode": mode, "implementation": name}
     try:
       exe, stats = compile_once(fn, args)
@@ -275,7 +281,7 @@ def run_length(length: int, budget: float, skipped: list[dict]) -> list[dict]:
         continue
       jax.block_until_ready(exe(*args))
     except Exception as e:  # noqa: BLE001  (an out-of-memory or unsupported path: reported)
-      skipped.append({**where, "reason": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
+      skipped.append({**where, "reason": _error(e)})
       continue
     calls[(name, mode)] = lambda exe=exe, args=args: exe(*args)
     rows.append({**where, "group": group, "causal": causal,
@@ -295,6 +301,10 @@ def run_length(length: int, budget: float, skipped: list[dict]) -> list[dict]:
     if s["length"] == length:
       print(f"skipped {s['implementation']} T={length} {s['mode']}: {s['reason']}")
   return rows
+
+
+def _error(e: Exception) -> str:
+  return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
 
 
 def _ratio(row: dict) -> float | None:

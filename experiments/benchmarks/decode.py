@@ -3,7 +3,7 @@
   python -m experiments.benchmarks.decode --quick       # smoke run: C = 128, 512 (~3 min CPU)
   python -m experiments.benchmarks.decode               # C = 256 ... 16384 (`make bench-decode`)
   # GPU (JAX_PLATFORMS unset or cuda; writes results/decode_<device>.json and .png):
-  python -m experiments.benchmarks.decode --decode_rounds 7 --decode_steps 64
+  python -m experiments.benchmarks.decode --decode_rounds 9 --decode_steps 64
 
 The mechanisms are the registry's causal decoders (`attn/layers/registry.py`: every entry with
 a causal form and decoding 'kv_cache', 'window_cache' or 'recurrent'; `--mechanisms` picks
@@ -14,8 +14,9 @@ after C tokens: random values, the indices at C) and times `--decode_steps` gree
 back to back inside one jitted `lax.fori_loop` (as `attn.decode.generate` runs its loop; the
 cache donated), with `block_until_ready` on the inputs before the clock starts and on the
 returned token and cache before it stops: on a GPU that is device time for the steps plus one
-dispatch, not the host's time to launch each step. The median over interleaved rounds (the
-mechanisms take turns, so machine noise hits them alike). A KV-cache step reads every cached
+dispatch, not the host's time to launch each step. One untimed round first (clocks ramp
+up), then the median over interleaved rounds (the mechanisms take turns, so machine noise hits
+them alike). A KV-cache step reads every cached
 key, so its time grows with C; a window or a recurrent state has a fixed size.
 
 It prints a table, writes JSON (and, with matplotlib, a PNG of ms per token and cache memory
@@ -143,7 +144,7 @@ def time_all(contexts: list[int], mechanisms: list[str], *, batch: int = 1, roun
   """Median ms per token of every (mechanism, context); each round visits all of them in turn,
   so machine noise hits every context alike (the flatness target compares contexts)."""
   runners, caches, rows, positions = {}, {}, {}, {}
-  headroom = steps * (rounds + 1) + 8
+  headroom = steps * (rounds + 2) + 8  # the compiling call, one untimed round, the rounds
   for context in contexts:
     for name in mechanisms:
       key = (name, context)
@@ -164,13 +165,14 @@ def time_all(contexts: list[int], mechanisms: list[str], *, batch: int = 1, roun
           batch, positions[key])))  # compiles, warms up
       positions[key] += steps
     print(f"compiled C={context}", flush=True)
-  for _ in range(rounds):
+  for timed in [False] + [True] * rounds:  # an untimed round first: clocks ramp up, caches warm
     for key, run in runners.items():
       inputs = jax.block_until_ready((caches[key], *_inputs(batch, positions[key])))
       t0 = time.perf_counter()
       token, caches[key] = run(*inputs)
       jax.block_until_ready((token, caches[key]))
-      rows[key]["ms_samples"].append(1e3 * (time.perf_counter() - t0) / steps)
+      if timed:
+        rows[key]["ms_samples"].append(1e3 * (time.perf_counter() - t0) / steps)
       positions[key] += steps
   for row in rows.values():
     row["ms_per_token"] = statistics.median(row["ms_samples"])

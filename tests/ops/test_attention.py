@@ -247,6 +247,7 @@ def test_row_check_is_skipped_only_where_no_row_can_be_empty():
                  {"is_causal": True, "local_window_size": (2, 0), "segment_ids": packed},
                  {"is_causal": True, "chunk_size": 2}, {"prefix_lengths": np.array([2])}):
     assert attention_lib._rows_never_empty(5, 5, **{**_NO_MASKS, **kwargs}), kwargs
+  assert attention_lib._rows_never_empty(5, 3, **_NO_MASKS)  # unmasked cross-attention
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
@@ -491,15 +492,19 @@ def test_cudnn_call_fixes_up_windows_bias_dtype_and_empty_rows(monkeypatch):
            key_value_seq_lengths=jnp.array([16, 9], jnp.int32)),
       dict(mask=jnp.asarray(mask), bias=jnp.asarray(rng.normal(size=(1, 4, 16, 16)),
                                                     jnp.float32)),
+      dict(key_slice=slice(0, 8)),  # unmasked, S != T (linformer's projected keys): no fix-up
   ]
   for kwargs in cases:
     calls.clear()
-    out = dot_product_attention(q, k, v, **kwargs)
+    keys = kwargs.pop("key_slice", slice(None))
+    out = dot_product_attention(q, k[:, keys], v[:, keys], **kwargs)
     (args, call_kwargs), = calls
     if "local_window_size" in kwargs:
       assert call_kwargs["local_window_size"] == (4, 0)
     if "bias" in kwargs:
       assert args[3].dtype == jnp.bfloat16
-    expected = reference.attention(*(x.astype(jnp.float32) for x in (q, k, v)), **kwargs)
+    expected = reference.attention(*(x.astype(jnp.float32) for x in (q, k[:, keys],
+                                                                     v[:, keys])), **kwargs)
     np.testing.assert_allclose(np.asarray(out, np.float32), expected, atol=5e-2, rtol=5e-2)
-  assert np.all(np.asarray(out[0, 5], np.float32) == 0)
+    if "mask" in kwargs:
+      assert np.all(np.asarray(out[0, 5], np.float32) == 0)
