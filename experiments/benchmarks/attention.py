@@ -3,9 +3,11 @@ against jax.nn and flax.
 
   python -m experiments.benchmarks.attention --quick       # smoke run: T = 128, 512 (~2 min CPU)
   python -m experiments.benchmarks.attention               # CPU, T = 256 ... 16384
-  # GPU (JAX_PLATFORMS unset or cuda; writes results/attention_<device>.json and .png):
+  # GPU (JAX_PLATFORMS unset or cuda; writes results/attention_<device>.json and .png); on
+  # one H200 this took 229 s (results/attention_mechanisms_nvidia_h200.json), add lengths
+  # (1024, 4096, 16384) for the curves at ~2 minutes each:
   python -m experiments.benchmarks.attention --dtype bfloat16 --head_dim 128 --batch 4 \
-      --heads 16 --min_reps 5 --min_seconds 0.5 --lengths 1024,2048,4096,8192,16384
+      --heads 16 --min_reps 3 --min_seconds 0.2 --lengths 2048,8192 --implementations cudnn,xla
 
 Two groups of rows, timed together (interleaved) at each length T:
 - baselines, on q, k, v `[B, T, N, H]`: our `dot_product_attention` (auto, and each
