@@ -16,10 +16,13 @@ instead of fsspec's bare ImportError deep inside a run.
 
 from __future__ import annotations
 
+import datetime
 import importlib.util
+import json
 import os
 import uuid
 from typing import Any
+from urllib.parse import quote
 
 from etils import epath
 
@@ -140,14 +143,7 @@ def create_exclusive(path: PathLike, data: bytes) -> bool:
   block of a lock or lease object. Locally a reader may see the file empty until `data` is in.
   """
   if is_url(path):
-    import fsspec
-
-    fs, target = fsspec.core.url_to_fs(os.fspath(path))
-    try:
-      fs.pipe_file(target, data, mode="create")
-    except FileExistsError:
-      return False
-    return True
+    return write_if_generation(path, data, 0) is not None
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   try:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -156,6 +152,66 @@ def create_exclusive(path: PathLike, data: bytes) -> bool:
   with os.fdopen(fd, "wb") as f:
     f.write(data)
   return True
+
+
+# -- objects with generations (gs:// only): what a lease needs ----------------------------------
+# GCS gives every write of an object a new generation number, and a write or delete may be made
+# conditional on the generation it replaces (ifGenerationMatch; 0 = "only if absent"). gcsfs
+# exposes only the "only if absent" case, so these send the JSON API requests themselves
+# through gcsfs's session (its credentials, retries and STORAGE_EMULATOR_HOST endpoint).
+def _object(path: PathLike) -> tuple[Any, str, str]:
+  """(gcsfs filesystem, bucket, object name) of a gs:// URL."""
+  import fsspec
+
+  fs, target = fsspec.core.url_to_fs(os.fspath(path))
+  bucket, name = target.split("/", 1)
+  return fs, bucket, name
+
+
+def read_versioned(path: PathLike) -> tuple[bytes, int, float] | None:
+  """(content, generation, time of that write in epoch seconds) of an object; None if absent."""
+  fs, bucket, name = _object(path)
+  while True:
+    try:
+      meta = fs.call("GET", "b/{}/o/{}", bucket, name, json_out=True)
+    except FileNotFoundError:
+      return None
+    try:  # The content of exactly that generation: 404 if it was replaced since, then again.
+      _, data = fs.call("GET", "b/{}/o/{}", bucket, name, alt="media",
+                        generation=str(meta["generation"]))
+    except FileNotFoundError:
+      continue
+    updated = datetime.datetime.fromisoformat(meta["updated"].replace("Z", "+00:00"))
+    return data, int(meta["generation"]), updated.timestamp()
+
+
+def write_if_generation(path: PathLike, data: bytes, generation: int) -> int | None:
+  """Writes the object only if its current generation is `generation` (0: only if it does not
+  exist); returns the new generation, or None if the precondition failed (nothing written)."""
+  fs, bucket, name = _object(path)
+  meta, cut = json.dumps({"name": name}), f"--{uuid.uuid4().hex}"  # A multipart upload.
+  body = (f"{cut}\nContent-Type: application/json; charset=UTF-8\n\n{meta}\n{cut}\n"
+          "Content-Type: application/octet-stream\n\n").encode() + data + f"\n{cut}--".encode()
+  try:
+    out = fs.call("POST", f"{fs._location}/upload/storage/v1/b/{quote(bucket)}/o",
+                  uploadType="multipart", ifGenerationMatch=str(generation), data=body,
+                  headers={"Content-Type": f'multipart/related; boundary="{cut[2:]}"'},
+                  json_out=True)
+  except FileExistsError:  # gcsfs's name for 412 Precondition Failed.
+    return None
+  fs.invalidate_cache(os.fspath(path))
+  return int(out["generation"])
+
+
+def remove_if_generation(path: PathLike, generation: int) -> None:
+  """Deletes the object if its current generation is `generation` (else leaves it). (The GCS
+  emulator of the tests ignores this precondition on deletes; GCS honors it.)"""
+  fs, bucket, name = _object(path)
+  try:
+    fs.call("DELETE", "b/{}/o/{}", bucket, name, ifGenerationMatch=str(generation))
+  except (FileExistsError, FileNotFoundError):  # Replaced since, or already gone.
+    pass
+  fs.invalidate_cache(os.fspath(path))
 
 
 def remove(path: PathLike) -> None:

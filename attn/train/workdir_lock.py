@@ -3,13 +3,15 @@
     with workdir_lock.hold(workdir):     # WorkdirBusyError naming the holder if it is taken
       ...                                # lock.check() raises LockLostError if it was taken over
 
-`WorkdirLock` is the interface; `LocalLock` implements it for a local (or NFS) directory with a
-`lock.json` created atomically (`os.link` of a complete file fails if one exists). The holder
-writes its host, pid, process start time and a heartbeat (every `heartbeat_s`); a later launch
-takes over a stale lock: on the same host when that pid is gone (kill -9, a crash) or belongs
-to another process now, on another host when the heartbeat is older than `stale_after_s`.
-On an object store (gs://) the same contract is a lease object written with generation
-preconditions; `GcsLease` is that place, not implemented yet: it warns and does not lock.
+`WorkdirLock` is the interface. The holder writes `<workdir>/lock.json` with its host, pid,
+process start time and a heartbeat (renewed every `heartbeat_s`); a later launch takes over a
+stale lock: on the same host (same boot, same pid namespace) when that pid is gone (kill -9, a
+crash) or belongs to another process now, elsewhere when the heartbeat is older than
+`stale_after_s`.
+`LocalLock` keeps it on a local (or NFS) disk, created atomically (`os.link`); `GcsLease` keeps
+it in a bucket as a lease object written with generation preconditions (create only if absent,
+renew and take over only the generation last read), so of two launches racing for it exactly
+one wins.
 
 Multi-host: process 0 holds the lock; the others learn the outcome from it.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import datetime
+import itertools
 import json
 import os
 import socket
@@ -28,6 +31,8 @@ import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
+
+from attn import storage
 
 LOCK_FILE = "lock.json"
 HEARTBEAT_S = 10.0
@@ -74,6 +79,18 @@ def _process_start(pid: int) -> str | None:
     return None
 
 
+def _pid_space() -> str | None:
+  """Where this process's pid means something: this boot of this kernel and this pid namespace
+  ('<boot id> pid:[4026531836]'). A host name alone is not enough to trust a pid: containers
+  sharing one see different pids, and a machine recreated under the same name (a preempted TPU
+  VM) has rebooted."""
+  try:
+    with open("/proc/sys/kernel/random/boot_id") as f:
+      return f"{f.read().strip()} {os.readlink('/proc/self/ns/pid')}"
+  except OSError:
+    return None
+
+
 def _pid_alive(pid: int) -> bool:
   try:
     os.kill(pid, 0)
@@ -94,54 +111,52 @@ def describe(holder: dict[str, Any], now: float | None = None) -> str:
           f"{holder.get('started')}, last heartbeat {age:.0f} s ago): {holder.get('command')}")
 
 
-class LocalLock(WorkdirLock):
-  """`workdir/lock.json` on a POSIX filesystem, with pid/host liveness and a heartbeat."""
+class _RecordLock(WorkdirLock):
+  """What LocalLock and GcsLease share: the holder's record (host, pid, start time, heartbeat,
+  command), the acquire loop (create the lock, else name its live holder or take a stale one
+  over), the heartbeat thread, `check` and `release`. Subclasses store the record: a file, an
+  object with generations."""
 
-  def __init__(self, workdir: str, *, heartbeat_s: float = HEARTBEAT_S,
-               stale_after_s: float = STALE_AFTER_S):
-    self.workdir = os.path.abspath(workdir)
-    self.path = os.path.join(self.workdir, LOCK_FILE)
+  def __init__(self, workdir: str, path: str, *, heartbeat_s: float, stale_after_s: float):
+    self.workdir, self.path = workdir, path
     self.heartbeat_s, self.stale_after_s = heartbeat_s, stale_after_s
     self.token = uuid.uuid4().hex
     self.record: dict[str, Any] = {}
     self.lost: str | None = None
     self._stop = threading.Event()
     self._thread: threading.Thread | None = None
+    self._renewed = 0.0  # time.monotonic() of the last heartbeat written.
     self.took_over: str | None = None  # Why a stale lock was broken, for the run's log.
 
-  # -- the file ------------------------------------------------------------------------------
-  def _read(self) -> dict[str, Any] | None:
-    """The holder's record; {} if unreadable (torn), None if there is no lock."""
-    try:
-      with open(self.path) as f:
-        return json.load(f)
-    except FileNotFoundError:
-      return None
-    except (OSError, ValueError):
-      return {}
+  # -- storage (subclasses) --------------------------------------------------------------------
+  @abc.abstractmethod
+  def _create(self) -> bool:
+    """Stores self.record as the lock unless one exists; True if it did."""
 
-  def _write_new(self) -> bool:
-    """Creates lock.json with our complete record; False if a lock exists."""
-    tmp = f"{self.path}.{self.token}.tmp"
-    with open(tmp, "w") as f:
-      json.dump(self.record, f)
-    try:
-      os.link(tmp, self.path)  # Atomic: fails if lock.json exists; never a half-written lock.
-      return True
-    except FileExistsError:
-      return False
-    finally:
-      os.remove(tmp)
+  @abc.abstractmethod
+  def _read(self) -> tuple[dict[str, Any] | None, Any, float]:
+    """(record, version, time it was written); record {} if unreadable, None if no lock."""
 
-  def _stale_reason(self, holder: dict[str, Any]) -> str | None:
+  @abc.abstractmethod
+  def _replace(self, holder: dict[str, Any], version: Any) -> bool:
+    """Replaces the stale lock read as (holder, version) by self.record; False if another
+    launch changed it first (nothing written then)."""
+
+  @abc.abstractmethod
+  def _renew(self) -> str | None:
+    """Rewrites self.record if the lock is still ours; else why it is not (nothing written)."""
+
+  @abc.abstractmethod
+  def _remove(self) -> None:
+    """Deletes the lock if it is still ours."""
+
+  # -- shared ------------------------------------------------------------------------------
+  def _stale_reason(self, holder: dict[str, Any], written: float) -> str | None:
     """Why the holder no longer runs, or None if it may still be running."""
     if not holder:  # A torn record: its writer died mid-write, or is writing right now.
-      try:
-        age = time.time() - os.path.getmtime(self.path)
-      except FileNotFoundError:
-        return "it is gone"
-      return f"an unreadable lock file {age:.0f} s old" if age > self.stale_after_s else None
-    if holder.get("host") == socket.gethostname():
+      age = time.time() - written
+      return f"an unreadable lock {age:.0f} s old" if age > self.stale_after_s else None
+    if holder.get("host") == socket.gethostname() and holder.get("pid_space") == _pid_space():
       pid = int(holder.get("pid", -1))
       if not _pid_alive(pid):
         return f"pid {pid} no longer exists on this host"
@@ -153,6 +168,111 @@ class LocalLock(WorkdirLock):
     if age > self.stale_after_s:
       return f"its last heartbeat is {age:.0f} s old (> {self.stale_after_s:.0f} s)"
     return None
+
+  def _lost_reason(self, holder: dict[str, Any] | None) -> str:
+    return (f"{self.path} now belongs to {describe(holder)}" if holder
+            else f"{self.path} was removed")
+
+  def acquire(self) -> None:
+    self.record = {
+      "pid": os.getpid(), "host": socket.gethostname(), "pid_space": _pid_space(),
+      "token": self.token, "process_start": _process_start(os.getpid()),
+      "started": datetime.datetime.now().isoformat(timespec="seconds"),
+      "heartbeat": time.time(), "command": " ".join(sys.argv),
+    }
+    for _ in range(20):
+      if self._create():
+        return self._start_heartbeat()
+      holder, version, written = self._read()
+      if holder is None:
+        continue  # Released between our attempt and the read: try again.
+      reason = self._stale_reason(holder, written)
+      if reason is None:
+        raise WorkdirBusyError(
+          f"{self.workdir} is in use by {describe(holder)}. One run writes a workdir at a time: "
+          "wait for it to finish, stop it (it saves and exits on SIGTERM), or use another "
+          f"--workdir. If that process is gone and on another host, its lock expires "
+          f"{self.stale_after_s:.0f} s after its last heartbeat; removing {self.path} takes "
+          "over at once.")
+      if self._replace(holder, version):
+        self.took_over = (f"took over the lock of {describe(holder) if holder else 'a dead run'}"
+                          f": {reason}")
+        return self._start_heartbeat()
+      time.sleep(0.05)
+    raise WorkdirBusyError(f"Could not take {self.path}: other launches keep racing for it.")
+
+  def _start_heartbeat(self) -> None:
+    self._renewed = time.monotonic()
+    self._stop.clear()
+    self._thread = threading.Thread(target=self._beat, name="workdir-lock", daemon=True)
+    self._thread.start()
+
+  def _beat(self) -> None:
+    while not self._stop.wait(self.heartbeat_s):
+      self.record["heartbeat"] = time.time()
+      try:
+        self.lost = self._renew()
+      except Exception as e:  # noqa: BLE001 (storage unreachable: retried at the next beat)
+        silent = time.monotonic() - self._renewed
+        if silent > self.stale_after_s:  # Others may see a stale lock by now and take it.
+          self.lost = (f"its heartbeat could not be written for {silent:.0f} s "
+                       f"({type(e).__name__}: {e})")
+      else:
+        self._renewed = time.monotonic()
+      if self.lost:
+        return
+
+  def check(self) -> None:
+    if self.lost:
+      raise LockLostError(f"This run lost its lock on {self.workdir}: {self.lost}. Stopping "
+                          "without writing more; the newest checkpoint is intact.")
+
+  def release(self) -> None:
+    if self._thread is None:
+      return
+    self._stop.set()
+    self._thread.join()
+    self._thread = None
+    if not self.lost:
+      self._remove()
+
+
+class LocalLock(_RecordLock):
+  """`workdir/lock.json` on a POSIX filesystem, created atomically (`os.link` of a complete
+  file fails if one exists)."""
+
+  def __init__(self, workdir: str, *, heartbeat_s: float = HEARTBEAT_S,
+               stale_after_s: float = STALE_AFTER_S):
+    workdir = os.path.abspath(workdir)
+    super().__init__(workdir, os.path.join(workdir, LOCK_FILE), heartbeat_s=heartbeat_s,
+                     stale_after_s=stale_after_s)
+
+  def _read(self) -> tuple[dict[str, Any] | None, Any, float]:
+    try:
+      with open(self.path) as f:
+        written = os.fstat(f.fileno()).st_mtime
+        text = f.read()
+    except FileNotFoundError:
+      return None, None, 0.0
+    except OSError:
+      return {}, None, time.time()
+    try:
+      return json.loads(text), None, written
+    except ValueError:
+      return {}, None, written
+
+  def _create(self) -> bool:
+    os.makedirs(self.workdir, exist_ok=True)
+    tmp = f"{self.path}.{self.token}.tmp"
+    with open(tmp, "w") as f:
+      json.dump(self.record, f)
+    try:
+      os.link(tmp, self.path)  # Atomic: fails if lock.json exists; never a half-written lock.
+      return True
+    except FileExistsError:
+      return False
+    finally:
+      os.remove(tmp)
 
   @contextlib.contextmanager
   def _breaking(self) -> Iterator[bool]:
@@ -174,93 +294,79 @@ class LocalLock(WorkdirLock):
     finally:
       os.remove(path)
 
-  # -- the interface -------------------------------------------------------------------------
-  def acquire(self) -> None:
-    os.makedirs(self.workdir, exist_ok=True)
-    now = time.time()
-    self.record = {
-      "pid": os.getpid(), "host": socket.gethostname(), "token": self.token,
-      "process_start": _process_start(os.getpid()),
-      "started": datetime.datetime.now().isoformat(timespec="seconds"),
-      "heartbeat": now, "command": " ".join(sys.argv),
-    }
-    for _ in range(20):
-      if self._write_new():
-        self._start_heartbeat()
-        return
-      holder = self._read()
-      if holder is None:
-        continue  # Released between our attempt and the read: try again.
-      reason = self._stale_reason(holder)
-      if reason is None:
-        raise WorkdirBusyError(
-          f"{self.workdir} is in use by {describe(holder)}. One run writes a workdir at a time: "
-          "wait for it to finish, stop it (it saves and exits on SIGTERM), or use another "
-          f"--workdir. If that process is gone and on another host, its lock expires "
-          f"{self.stale_after_s:.0f} s after its last heartbeat; removing {self.path} takes "
-          "over at once.")
-      with self._breaking() as breaking:
-        if breaking and self._read() == holder:  # Still the same stale holder.
-          os.remove(self.path)
-          self.took_over = (f"took over the lock of {describe(holder) if holder else 'a dead run'}"
-                            f": {reason}")
-      if not breaking:
-        time.sleep(0.05)
-    raise WorkdirBusyError(f"Could not take {self.path}: other launches keep racing for it.")
+  def _replace(self, holder: dict[str, Any], version: Any) -> bool:
+    with self._breaking() as breaking:
+      if not breaking or self._read()[0] != holder:  # Another launch is at it, or was.
+        return False
+      os.remove(self.path)
+      return self._create()
 
-  def _start_heartbeat(self) -> None:
-    self._stop.clear()
-    self._thread = threading.Thread(target=self._beat, name="workdir-lock", daemon=True)
-    self._thread.start()
+  def _renew(self) -> str | None:
+    holder = self._read()[0]
+    if not holder or holder.get("token") != self.token:
+      return self._lost_reason(holder)
+    tmp = f"{self.path}.{self.token}.tmp"
+    with open(tmp, "w") as f:
+      json.dump(self.record, f)
+    os.replace(tmp, self.path)
+    return None
 
-  def _beat(self) -> None:
-    while not self._stop.wait(self.heartbeat_s):
-      holder = self._read()
-      if not holder or holder.get("token") != self.token:
-        self.lost = (f"{self.path} now belongs to {describe(holder)}" if holder
-                     else f"{self.path} was removed")
-        return
-      self.record["heartbeat"] = time.time()
-      tmp = f"{self.path}.{self.token}.tmp"
-      with open(tmp, "w") as f:
-        json.dump(self.record, f)
-      os.replace(tmp, self.path)
-
-  def check(self) -> None:
-    if self.lost:
-      raise LockLostError(f"This run lost its lock on {self.workdir}: {self.lost}. Stopping "
-                          "without writing more; the newest checkpoint is intact.")
-
-  def release(self) -> None:
-    if self._thread is None:
-      return
-    self._stop.set()
-    self._thread.join()
-    self._thread = None
-    holder = self._read()
+  def _remove(self) -> None:
+    holder = self._read()[0]
     if holder and holder.get("token") == self.token:
       os.remove(self.path)
 
 
-class GcsLease(WorkdirLock):
-  """A gs:// workdir's lease: an object created with `if_generation_match=0`, renewed with the
-  generation it was read at, taken over when its heartbeat is stale. NOT IMPLEMENTED yet (it
-  needs the epath I/O layer and a GCS emulator to test against): acquiring says so on stderr and
-  the run goes on unlocked, so that gs:// runs keep working."""
+class GcsLease(_RecordLock):
+  """`gs://.../workdir/lock.json`, a lease object: created only if absent (ifGenerationMatch=0),
+  renewed and taken over only on the generation last seen (so of two writers racing from the
+  same generation exactly one wins), deleted on release only if still ours. An object store
+  cannot tell whether a pid on another machine lives, so a lease from another host is stale
+  only when its heartbeat is older than `stale_after_s` (clocks of the hosts are assumed to
+  agree to well within that, as NTP-synced cloud VMs do)."""
 
-  def __init__(self, workdir: str, **unused: Any):
-    self.workdir = workdir
+  def __init__(self, workdir: str, *, heartbeat_s: float = HEARTBEAT_S,
+               stale_after_s: float = STALE_AFTER_S):
+    super().__init__(workdir, storage.join(workdir, LOCK_FILE), heartbeat_s=heartbeat_s,
+                     stale_after_s=stale_after_s)
+    self.generation = 0  # Of our last write; 0 while we hold nothing.
 
-  def acquire(self) -> None:
-    print(f"WARNING: {self.workdir} is not locked: locking a gs:// workdir (a lease object with "
-          "generation preconditions) is not implemented yet. Make sure only one run writes it.",
-          file=sys.stderr, flush=True)
+  def _data(self) -> bytes:
+    return json.dumps(self.record).encode()
 
-  def check(self) -> None:
-    pass
+  def _create(self) -> bool:
+    return self._write(0)
 
-  def release(self) -> None:
-    pass
+  def _write(self, generation: int) -> bool:
+    new = storage.write_if_generation(self.path, self._data(), generation)
+    if new is not None:
+      self.generation = new
+    return new is not None
+
+  def _read(self) -> tuple[dict[str, Any] | None, Any, float]:
+    found = storage.read_versioned(self.path)
+    if found is None:
+      return None, 0, 0.0
+    data, generation, written = found
+    try:
+      return json.loads(data), generation, written
+    except ValueError:
+      return {}, generation, written
+
+  def _replace(self, holder: dict[str, Any], version: Any) -> bool:
+    return self._write(version)
+
+  def _renew(self) -> str | None:
+    if self._write(self.generation):
+      return None
+    holder, generation, _ = self._read()
+    if holder == self.record:  # Our write landed but its reply was lost (and retried): ours.
+      self.generation = generation
+      return None
+    return self._lost_reason(holder)
+
+  def _remove(self) -> None:
+    storage.remove_if_generation(self.path, self.generation)
 
 
 def make_lock(workdir: str, **kwargs: Any) -> WorkdirLock:
@@ -270,25 +376,45 @@ def make_lock(workdir: str, **kwargs: Any) -> WorkdirLock:
   return LocalLock(workdir, **kwargs)
 
 
+_SHARED = itertools.count()  # Every process calls hold() in the same order: one key each.
+
+
+def _from_process_0(error: WorkdirBusyError | None) -> WorkdirBusyError | None:
+  """Process 0's outcome (None, or its error with the holder's name) on every process.
+
+  Through the coordination service's key-value store (what jax.distributed.initialize
+  started), not a collective: the others wait as long as process 0's lock I/O takes (a lease
+  in a bucket is several HTTP round trips) without setting up the CPU collectives (gloo) on it,
+  and they can show process 0's message rather than only that it failed.
+  """
+  import jax
+  from jax._src import distributed as jax_distributed  # The client has no public accessor.
+
+  client = jax_distributed.global_state.client
+  key = f"attn/workdir_lock/{next(_SHARED)}"
+  if jax.process_index() == 0:
+    client.key_value_set(key, "busy:" + str(error) if error else "ok")
+    return error
+  outcome = client.blocking_key_value_get(key, 10 * 60 * 1000)
+  return WorkdirBusyError(f"(process 0) {outcome[5:]}") if outcome != "ok" else None
+
+
 @contextlib.contextmanager
 def hold(workdir: str, **kwargs: Any) -> Iterator[WorkdirLock | None]:
   """Process 0 holds the workdir's lock for the block; every process fails if it cannot."""
   import jax
 
   lock = make_lock(workdir, **kwargs) if jax.process_index() == 0 else None
-  error: Exception | None = None
+  error: WorkdirBusyError | None = None
   if lock is not None:
     try:
       lock.acquire()
     except WorkdirBusyError as e:
       error = e
+    if lock.took_over:
+      print(f"{workdir}: {lock.took_over}", file=sys.stderr, flush=True)
   if jax.process_count() > 1:
-    import numpy as np
-    from jax.experimental import multihost_utils
-
-    failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
-    if failed and error is None:
-      error = WorkdirBusyError(f"Process 0 could not take the lock on {workdir} (see its log).")
+    error = _from_process_0(error)
   if error is not None:
     raise error
   try:

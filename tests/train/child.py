@@ -3,18 +3,21 @@
     python -m tests.train.child --workdir W --mode M --at K --overrides '{"train.num_steps": 6}'
 
 Modes: run (train to the end); kill_after_checkpoint (SIGKILL once the checkpoint of step K is
-complete on disk); kill_during_save (SIGKILL right after the save of step K has started, before
-Orbax finalizes it); sigterm (SIGTERM to itself after step K); nan (the loss becomes NaN from
-step K on; unused by the tests, which poison the data instead); sigterm_in_eval (SIGTERM
-after the first batch of the K-th evaluation); load (load_params of the workdir's checkpoint
-onto one device, print its hash). Several processes (the multi-host tests) are started with
-JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
+complete on disk); hold_after_checkpoint (once that checkpoint is complete, print HOLDING and
+sleep, holding the workdir's lock, until killed); kill_during_save (SIGKILL right after the
+save of step K has started, before Orbax finalizes it); sigterm (SIGTERM to itself after step
+K); nan (the loss becomes NaN from step K on; unused by the tests, which poison the data
+instead); sigterm_in_eval (SIGTERM after the first batch of the K-th evaluation); load
+(load_params of the workdir's checkpoint onto one device, print its hash). Several processes
+(the multi-host tests) are started with JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+JAX_PROCESS_ID.
 """
 
 import argparse
 import json
 import os
 import signal
+import time
 
 import jax.numpy as jnp
 from jax import config as jax_config
@@ -58,6 +61,15 @@ def main() -> None:
         ckpt.wait()  # The save of step `at` is complete (local disk or bucket).
         assert ckpt.latest_step() == args.at, ckpt.all_steps()
         os.kill(os.getpid(), signal.SIGKILL)
+
+    hooks.append(hook)
+  elif args.mode == "hold_after_checkpoint":
+
+    def hook(step, state, ckpt):
+      if step == args.at + 1:
+        ckpt.wait()
+        print("HOLDING", flush=True)
+        time.sleep(600)
 
     hooks.append(hook)
   elif args.mode == "kill_during_save":

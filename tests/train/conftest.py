@@ -80,6 +80,16 @@ def run_child(workdir: str, overrides: dict[str, Any], *, timeout: float = 240,
   return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
+def lock_holder(workdir: str) -> subprocess.Popen:
+  """Another process that takes `workdir`'s LocalLock and sleeps (the test kills it)."""
+  code = ("import sys, time; from attn.train.workdir_lock import LocalLock; "
+          "LocalLock(sys.argv[1]).acquire(); print('HELD', flush=True); time.sleep(600)")
+  proc = subprocess.Popen([sys.executable, "-c", code, workdir], cwd=REPO, text=True,
+                          stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": REPO})
+  assert proc.stdout.readline().strip() == "HELD"
+  return proc
+
+
 def losses(workdir: str) -> dict[int, float]:
   """step -> train loss from metrics.jsonl."""
   from attn.train.metrics import read_jsonl

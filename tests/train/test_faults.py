@@ -22,7 +22,7 @@ import pytest
 from attn import train
 from attn.train import config_identity
 from launch import report, sweep
-from tests.train.conftest import REPO, losses, run_child, tiny_config
+from tests.train.conftest import REPO, lock_holder, losses, run_child, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -144,12 +144,8 @@ def test_second_launch_exits_at_once_naming_the_holder(straight, data_dir, tmp_p
   shutil.copytree(straight["workdir"], workdir)
   os.remove(os.path.join(workdir, "summary.json"))
   before = _files(workdir)
-  code = ("import sys, time; from attn.train.workdir_lock import LocalLock; "
-          "LocalLock(sys.argv[1]).acquire(); print('HELD', flush=True); time.sleep(600)")
-  holder = subprocess.Popen([sys.executable, "-c", code, workdir], cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": REPO})
+  holder = lock_holder(workdir)
   try:
-    assert holder.stdout.readline().strip() == "HELD"
     argv = [sys.executable, "-m", "experiments.main", "--config",
             "experiments/default.py:runlocal", "--workdir", workdir,
             f"--config.data.data_dir={data_dir}"]

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,7 @@ import pytest
 
 from attn import data, storage
 from attn.train import checkpoint, metrics
-from tests.train.conftest import CACHE_DIR, REPO, losses, run_child
+from tests.train.conftest import CACHE_DIR, REPO, losses, run_child, start_child
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +84,51 @@ def test_kill9_resume_on_gcs_is_bitwise_and_opens_on_one_cpu(gcs, bucket_data):
   assert proc.returncode == 0, proc.stderr[-3000:]
   loaded = json.loads(proc.stdout.split("LOADED", 1)[1].splitlines()[0])
   assert loaded["devices"] == 1 and loaded["sha"] == _summary(straight)["params_sha256"]
+
+
+def _objects(gcs, url: str) -> dict[str, tuple[int, str]]:
+  """path -> (size, generation) of every object under `url` but the lease (renewed meanwhile)."""
+  found = gcs.filesystem().find(url.removeprefix("gs://"), detail=True)
+  return {k: (v["size"], v["generation"]) for k, v in found.items()
+          if not k.endswith("/lock.json")}
+
+
+@pytest.mark.slow
+def test_held_bucket_workdir_refuses_a_second_launch_and_a_killed_holder_is_taken_over(
+    gcs, bucket_data):
+  """One writer per gs:// workdir: a launch while another run holds its lease exits at once
+  naming the holder and writes nothing; after the holder's kill -9 the next launch takes the
+  lease over (same host, pid gone) and resumes from the holder's checkpoint."""
+  workdir, overrides = gcs.url("held"), {"data_dir": bucket_data}
+  holder = start_child(workdir, overrides, mode="hold_after_checkpoint", at=3)
+  try:
+    for line in holder.stdout:
+      if line.strip() == "HOLDING":
+        break
+    else:
+      pytest.fail(f"the holder ended: {holder.wait()} {holder.stderr.read()[-3000:]}")
+    before = _objects(gcs, workdir)
+    cmd = [sys.executable, "-m", "experiments.main", "--config",
+           "experiments/default.py:runlocal", "--workdir", workdir,
+           f"--config.data.data_dir={bucket_data}"]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(gcs), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert f"{workdir} is in use by pid {holder.pid} on host" in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert time.monotonic() - start < 60  # At once: imports only, no data, no compile.
+    assert _objects(gcs, workdir) == before  # Nothing read-modified or written.
+  finally:
+    holder.kill()
+    holder.wait()
+  proc = run_child(workdir, overrides, timeout=400)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert (f"took over the lock of pid {holder.pid} on host" in proc.stderr
+          and f"pid {holder.pid} no longer exists on this host" in proc.stderr), proc.stderr[-3000:]
+  assert "resuming at step 3" in proc.stderr
+  assert _summary(workdir)["step"] == 6
+  assert not storage.exists(storage.join(workdir, "lock.json"))  # Released at the end.
 
 
 def _env(gcs) -> dict[str, str]:

@@ -6,6 +6,7 @@ emulator), and a checkpoint of either resumes on the other."""
 import json
 import os
 import shutil
+import signal
 import socket
 
 import numpy as np
@@ -13,7 +14,7 @@ import pytest
 
 from attn import storage
 from attn.train.checkpoint import Checkpointer
-from tests.train.conftest import losses, run_child, start_child
+from tests.train.conftest import lock_holder, losses, run_child, start_child
 
 OVERRIDES = {"model.dropout_rate": 0.0, "train.num_steps": 4, "train.eval_every": 0,
              "train.checkpoint_every": 2}
@@ -25,12 +26,8 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _train(workdir: str, data_dir: str, processes: int) -> None:
-  """The tiny LM run on 4 CPU devices: 1 process x 4 or 2 processes x 2."""
-  if processes == 1:
-    proc = run_child(workdir, {"data_dir": data_dir, **OVERRIDES}, devices=4)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return
+def _start(workdir: str, data_dir: str, processes: int) -> list:
+  """The processes of one multi-process launch of the tiny LM run on 4 CPU devices."""
   port = _free_port()
   procs = []
   for pid in range(processes):
@@ -38,6 +35,16 @@ def _train(workdir: str, data_dir: str, processes: int) -> None:
            "JAX_PROCESS_ID": str(pid)}
     procs.append(start_child(workdir, {"data_dir": data_dir, **OVERRIDES},
                              devices=4 // processes, extra_env=env))
+  return procs
+
+
+def _train(workdir: str, data_dir: str, processes: int) -> None:
+  """The tiny LM run on 4 CPU devices: 1 process x 4 or 2 processes x 2."""
+  if processes == 1:
+    proc = run_child(workdir, {"data_dir": data_dir, **OVERRIDES}, devices=4)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return
+  procs = _start(workdir, data_dir, processes)
   outs = [p.communicate(timeout=300) for p in procs]
   for p in procs:
     assert p.returncode == 0, "\n---\n".join(err[-3000:] for _, err in outs)
@@ -90,3 +97,21 @@ def test_checkpoint_resumes_with_another_process_count(runs, data_dir, tmp_path,
     np.testing.assert_allclose([got[s] for s in (3, 4)], [want[s] for s in (3, 4)], rtol=1e-6)
   if _sha(runs[1]) == _sha(runs[2]):  # Bitwise across topologies whenever the runs are.
     assert _sha(workdir) == _sha(runs[1])
+
+
+@pytest.mark.slow
+def test_every_process_of_a_launch_on_a_held_workdir_stops_naming_the_holder(data_dir, tmp_path):
+  """Process 0 tries the lock; the others get its outcome (the holder's name) from it."""
+  workdir = str(tmp_path / "held")
+  holder = lock_holder(workdir)
+  try:
+    procs = _start(workdir, data_dir, 2)
+    outs = [p.communicate(timeout=300) for p in procs]
+  finally:
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+  for p, (_, err) in zip(procs, outs, strict=True):
+    assert p.returncode == 1, err[-3000:]
+    assert f"{workdir} is in use by pid {holder.pid} on host" in err, err[-3000:]
+  assert "(process 0) " in outs[1][1]
+  assert os.listdir(workdir) == ["lock.json"]  # Nothing else read or written.
