@@ -35,7 +35,10 @@ def main() -> None:
 
   from attn.train import distributed
 
-  distributed.maybe_initialize(heartbeat_timeout_s=10)
+  # A peer is declared dead after this long without a heartbeat. No test here kills a peer of
+  # a multi-process run, and on a loaded 2-core machine a process can go 10 s without CPU
+  # (the compile threads of its neighbours): generous, so only a real death ends a run.
+  distributed.maybe_initialize(heartbeat_timeout_s=60)
 
   from attn import train
   from attn.train import checkpoint, steps
