@@ -55,7 +55,7 @@ Decoding (`decoding`):
   no KV cache for it and passes only the new tokens' queries, keys and values.
 
 Model kinds a mechanism supports follow from its capabilities: 'lm' needs `causal`;
-'encoder', 'classifier', 'vit' need `bidirectional`; 'encoder_decoder' needs both (the encoder
+'classifier', 'vit' need `bidirectional`; 'encoder_decoder' needs both (the encoder
 and the decoder self-attention both use it; cross-attention stays softmax). Text tasks pass
 `segment_ids`: packed data needs `packed`; a mechanism with only `padding` trains with
 `data.pack=False` (one sequence per row, the rest padding).
@@ -75,9 +75,9 @@ from attn.errors import ConfigError
 
 DECODING = (None, "kv_cache", "window_cache", "recurrent")
 LEVELS = ("core", "layer")
-KINDS = ("lm", "encoder_decoder", "encoder", "classifier", "vit")
-# The kinds a training task exists for (the end-to-end matrix trains each supported one).
-TASK_KINDS = ("lm", "encoder_decoder", "classifier", "vit")
+# The model kinds; a training task exists for each (the end-to-end matrix trains every one a
+# mechanism supports).
+KINDS = ("lm", "encoder_decoder", "classifier", "vit")
 # What a layer-level module is built with (MultiHeadAttention's attributes); not options.
 LAYER_ATTRIBUTES = ("num_heads", "num_kv_heads", "head_dim", "out_features", "use_bias",
                     "dropout_rate", "qk_norm", "softcap", "rope_base", "rope_fraction", "scale",
@@ -135,8 +135,7 @@ class Mechanism:
   def kinds(self) -> tuple[str, ...]:
     """The model kinds it supports (see the module docstring)."""
     need = {"lm": self.causal, "encoder_decoder": self.causal and self.bidirectional,
-            "encoder": self.bidirectional, "classifier": self.bidirectional,
-            "vit": self.bidirectional}
+            "classifier": self.bidirectional, "vit": self.bidirectional}
     return tuple(kind for kind in KINDS if need[kind])
 
   @property
@@ -338,7 +337,7 @@ def readme_rows() -> list[str]:
     options = ", ".join(f"`{k}={d!r}`" for k, (_, d) in m.options.items()) or "-"
     packed = "yes" if m.packed else ("padding only" if m.padding else "no")
     level = "" if m.level == "core" else " (layer)"
-    kinds = ", ".join(k for k in m.kinds if k in TASK_KINDS)
+    kinds = ", ".join(m.kinds)
     rows.append(f"| `{name}`{level} | {m.summary} | {m.paper} | {options} | {kinds} | "
                 f"{m.decoding or 'no'} | {packed} | {'yes' if m.weights else 'no'} |")
   return rows

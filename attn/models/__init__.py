@@ -5,7 +5,6 @@ import jax
 
 from attn.models.config import ModelConfig, default_config
 from attn.models.models import (
-    Encoder,
     EncoderDecoder,
     LanguageModel,
     SequenceClassifier,
@@ -15,7 +14,6 @@ from attn.models.models import (
 MODELS: dict[str, type[nn.Module]] = {
     "lm": LanguageModel,
     "encoder_decoder": EncoderDecoder,
-    "encoder": Encoder,
     "classifier": SequenceClassifier,
     "vit": ViT,
 }
@@ -40,7 +38,6 @@ def count_params(params) -> int:
 
 __all__ = [
     "MODELS",
-    "Encoder",
     "EncoderDecoder",
     "LanguageModel",
     "ModelConfig",

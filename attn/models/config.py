@@ -21,7 +21,7 @@ from attn.layers.feedforward import FFN_KINDS
 from attn.layers.norms import NORMS
 from attn.ops.dispatch import IMPLEMENTATIONS
 
-KINDS = ("lm", "encoder_decoder", "encoder", "classifier", "vit")
+KINDS = registry.KINDS
 POSITIONS = ("sinusoidal", "learned", "rope", "alibi", "t5", "none")
 VIT_POSITIONS = ("sinusoidal", "learned", "none")
 NORM_PLACEMENTS = ("pre", "post", "sandwich")

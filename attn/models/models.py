@@ -79,19 +79,6 @@ class LanguageModel(nn.Module):
     return _logits(config, embed, x)
 
 
-class Encoder(nn.Module):
-  """Bidirectional encoder (BERT-style body): token features `[B, T, D]`."""
-
-  config: ModelConfig
-
-  @nn.compact
-  def __call__(self, inputs: Array, *, segment_ids: Array | None = None,
-               positions: Array | None = None, deterministic: bool = True) -> Array:
-    x = TokenEmbedding(self.config, name="embed")(inputs)
-    return TransformerStack(self.config, self.config.num_layers, causal=False, name="encoder")(
-        x, positions=positions, segment_ids=segment_ids, deterministic=deterministic)
-
-
 class EncoderDecoder(nn.Module):
   """The original Transformer (Vaswani et al. 2017): encoder, and a causal decoder with
   cross-attention; source and target share one embedding."""

@@ -147,7 +147,7 @@ def mechanism_layer(name: str, length: int, *, causal: bool, batch: int, heads: 
   entry = registry.get(name)
   causal = (causal and entry.causal) or not entry.bidirectional
   options = {key: length for key in entry.options if key == "max_length"}
-  config = ModelConfig(kind="lm" if causal else "encoder", d_model=heads * head_dim,
+  config = ModelConfig(kind="lm" if causal else "classifier", d_model=heads * head_dim,
                        num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
                        max_len=length, position="none", dtype=dtype, attention=name,
                        attention_options=options)

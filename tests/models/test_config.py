@@ -36,11 +36,11 @@ def test_optional_fields_accept_overrides_of_their_type():
     (dict(dropout_rate=1.0), r"model.dropout_rate must be in \[0, 1\)"),
     (dict(position="rope", rope_fraction=0.3), r"model.rope_fraction \(0.3\) x head size \(32\)"),
     (dict(kind="vit", image_size=9, patch_size=2), r"model.image_size \(9\) must be divisible"),
-    (dict(kind="encoder", attention="chunked"),
-     r"model.attention='chunked' cannot be used in model.kind='encoder': it lacks a "
+    (dict(kind="classifier", attention="chunked"),
+     r"model.attention='chunked' cannot be used in model.kind='classifier': it lacks a "
      r"bidirectional form"),
     (dict(attention="linformer"), r"model.attention='linformer' cannot be used in "
-     r"model.kind='lm': it lacks a causal form.*kind in \['encoder', 'classifier', 'vit'\]"),
+     r"model.kind='lm': it lacks a causal form.*kind in \['classifier', 'vit'\]"),
     (dict(attention="local", attention_options={"widow": 3}),
      r"model.attention_options.widow is not an option of model.attention='local'; its options "
      r"\(with defaults\): window=128"),

@@ -64,8 +64,6 @@ def expected_param_count(c: ModelConfig) -> int:
   untied = 0 if c.tie_embeddings else d * v
   if c.kind == "lm":
     return embed + untied + stack(c.num_layers)
-  if c.kind == "encoder":
-    return embed + stack(c.num_layers)
   if c.kind == "encoder_decoder":
     return embed + untied + stack(c.num_layers) + stack(c.decoder_layers, cross=True)
   if c.kind == "classifier":
@@ -81,7 +79,7 @@ PARAM_CASES = [
     dict(kind="lm", tie_embeddings=False, ffn="swiglu", num_kv_heads=2, position="learned"),
     dict(kind="lm", norm="rmsnorm", norm_placement="sandwich", use_bias=False, qk_norm=True),
     dict(kind="lm", norm="batchnorm", norm_placement="post", position="t5", num_kv_heads=1),
-    dict(kind="encoder", position="learned", ffn="geglu"),
+    dict(kind="classifier", position="learned", ffn="geglu"),
     dict(kind="encoder_decoder", num_decoder_layers=3, position="t5"),
     dict(kind="encoder_decoder", tie_embeddings=False, position="learned", norm="rmsnorm"),
     dict(kind="classifier", pooling="cls", num_classes=5),

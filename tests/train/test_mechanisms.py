@@ -23,7 +23,7 @@ from tests.train.conftest import losses
 
 # Model kind -> the experiment file whose runlocal config trains it on embedded data.
 EXPERIMENTS = {"lm": "lm", "encoder_decoder": "translate", "classifier": "classify", "vit": "vit"}
-assert tuple(EXPERIMENTS) == registry.TASK_KINDS
+assert tuple(EXPERIMENTS) == registry.KINDS
 MECHANISMS = registry.mechanisms()
 
 
