@@ -21,7 +21,10 @@ With `--parallel N` on GPUs the runs do not fight over one device: with several 
 gets its own (CUDA_VISIBLE_DEVICES, round robin over the visible ones), and runs that share a
 GPU each preallocate only their share of its memory (XLA_PYTHON_CLIENT_MEM_FRACTION, 0.9 / runs
 per GPU, instead of JAX's 0.75 each). Values you set yourself are kept. A TPU chip cannot be
-shared between processes: on a TPU VM keep `--parallel 1`.
+shared between processes: on a TPU VM each run gets its own chips (the visible chips split in
+equal power-of-two blocks, a slice of its own through libtpu's TPU_VISIBLE_CHIPS,
+TPU_CHIPS_PER_PROCESS_BOUNDS, TPU_PROCESS_BOUNDS and its own TPU_PROCESS_PORT), so N can be
+at most the number of chips.
 
 Ctrl-C or SIGTERM (a preempted VM) forwards SIGTERM to the running children, which save a
 checkpoint and exit; the next launch resumes them.
@@ -61,6 +64,10 @@ QUIET = ("train.progress_bar=False",)
 MEM_FRACTION = "XLA_PYTHON_CLIENT_MEM_FRACTION"
 # What the runs on one GPU may preallocate together; the rest is CUDA contexts and headroom.
 SHARED_GPU_MEMORY = 0.9
+# TPU chips per run -> their grid on the host (x,y,z): pairs are 0,1 / 2,3, fours are 2x2, eight
+# is a v6e / v5e host's 2x4 (as JAX's own multi-process test runner lays them out).
+TPU_CHIP_BOUNDS = {1: "1,1,1", 2: "1,2,1", 4: "2,2,1", 8: "2,4,1"}
+TPU_BASE_PORT = 8476  # libtpu's default TPU_PROCESS_PORT; run slot s listens on 8476 + s.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,11 +233,39 @@ def visible_gpus(environ: Mapping[str, str] = os.environ) -> list[str]:
   return done.stdout.split() if done.returncode == 0 else []
 
 
+def visible_tpu_chips(environ: Mapping[str, str] = os.environ) -> list[str]:
+  """The TPU chips the children could use: TPU_VISIBLE_CHIPS if set, else the Google TPU chips
+  on this host's PCI bus (JAX's count, read from /sys without starting the TPU runtime, which
+  would hold every chip); [] without TPUs."""
+  if environ.get("TPU_VISIBLE_CHIPS"):
+    return [c.strip() for c in environ["TPU_VISIBLE_CHIPS"].split(",") if c.strip()]
+  from jax._src import hardware_utils  # No public API counts chips without claiming them.
+
+  return [str(i) for i in range(hardware_utils.num_available_tpu_chips_and_device_id()[0])]
+
+
+def accelerators(parallel: int) -> tuple[list[str], list[str]]:
+  """(GPUs, TPU chips) that `parallel` runs at a time share; ValueError if they cannot."""
+  if parallel <= 1:
+    return [], []
+  gpus = visible_gpus()
+  chips = [] if gpus else visible_tpu_chips()
+  if chips and parallel > len(chips):
+    raise ValueError(f"--parallel {parallel}: this TPU VM has {len(chips)} chip(s) "
+                     f"({', '.join(chips)}) and a chip serves one process; use --parallel "
+                     f"{len(chips)} or less.")
+  return gpus, chips
+
+
 def child_env(slot: int, parallel: int, gpus: Sequence[str],
-              environ: Mapping[str, str] = os.environ) -> dict[str, str]:
-  """The variables that give child `slot` (of `parallel` at a time) its part of the GPUs."""
-  if parallel <= 1 or not gpus:
+              environ: Mapping[str, str] = os.environ, *,
+              chips: Sequence[str] = ()) -> dict[str, str]:
+  """The variables that give child `slot` (of `parallel` at a time) its part of the GPUs, or
+  its own TPU chips."""
+  if parallel <= 1 or not (gpus or chips):
     return {}
+  if chips:
+    return _tpu_child_env(slot, parallel, chips)
   out = {}
   if len(gpus) > 1:
     out["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
@@ -238,6 +273,22 @@ def child_env(slot: int, parallel: int, gpus: Sequence[str],
   if sharing > 1 and MEM_FRACTION not in environ:
     out[MEM_FRACTION] = f"{SHARED_GPU_MEMORY / sharing:.3f}"
   return out
+
+
+def _tpu_child_env(slot: int, parallel: int, chips: Sequence[str]) -> dict[str, str]:
+  """Child `slot`'s own block of chips as a one-process slice: libtpu sees only those chips,
+  arranged as TPU_CHIPS_PER_PROCESS_BOUNDS, and listens on a port of its own."""
+  per = max(n for n in TPU_CHIP_BOUNDS if n <= max(1, len(chips) // parallel))
+  port = TPU_BASE_PORT + slot
+  return {
+    "TPU_VISIBLE_CHIPS": ",".join(chips[slot * per:(slot + 1) * per]),
+    "TPU_CHIPS_PER_PROCESS_BOUNDS": TPU_CHIP_BOUNDS[per],
+    "TPU_PROCESS_BOUNDS": "1,1,1",  # One process in its slice (it coordinates with nobody).
+    "TPU_PROCESS_PORT": str(port),
+    "TPU_PROCESS_ADDRESSES": f"localhost:{port}",
+    "CLOUD_TPU_TASK_ID": "0",
+    "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",  # Else libtpu's lock file lets one process per host.
+  }
 
 
 def status(run_dir: str) -> str:
@@ -329,7 +380,7 @@ def execute(spec: str, workdir: str, runs: Sequence[Run], *, parallel: int = 1,
     echo(f"{len(outcome)} finished run(s) skipped; {len(todo)} to run.")
   active: dict[str, tuple[subprocess.Popen, float, list[str], Any, int]] = {}
   env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-  gpus = visible_gpus() if parallel > 1 else []
+  gpus, chips = accelerators(parallel)
   previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
   total, started = len(todo), 0
   try:
@@ -343,7 +394,7 @@ def execute(spec: str, workdir: str, runs: Sequence[Run], *, parallel: int = 1,
         if allow_config_change:
           argv.append("--allow_config_change")
         slot = min(set(range(parallel)) - {a[4] for a in active.values()})
-        share = child_env(slot, parallel, gpus)
+        share = child_env(slot, parallel, gpus, chips=chips)
         log = open(log_path(run_dir), "a")  # noqa: SIM115 (closed when it ends)
         log.write(f"=== {datetime.datetime.now().isoformat(timespec='seconds')} "
                   f"{json.dumps(share) + ' ' if share else ''}{json.dumps(argv)}\n")
@@ -458,6 +509,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   # Every run's config is built before any starts: a bad --set fails here, not in N children.
   try:
     changes = config_changes(module, arg, args.workdir, runs, args.set)
+    accelerators(args.parallel)  # --parallel beyond the TPU chips: refused before any start.
   except ValueError as e:
     print(f"Config error: {e}", file=sys.stderr)
     return 2

@@ -165,34 +165,85 @@ def test_parallel_children_share_the_gpus():
   mine = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.2"}
   assert sweep.child_env(0, 3, ["7"], mine) == {}  # The user's setting is kept.
   assert sweep.child_env(0, 1, ["0"], {}) == {}  # One run at a time: JAX's defaults.
-  assert sweep.child_env(1, 4, [], {}) == {}  # CPU or TPU: nothing to split.
+  assert sweep.child_env(1, 4, [], {}) == {}  # CPU: nothing to split.
   assert sweep.visible_gpus({"CUDA_VISIBLE_DEVICES": "2, 3"}) == ["2", "3"]
 
 
-def test_each_child_process_gets_its_gpu(tmp_path, monkeypatch):
-  """execute() with fake processes: the environment each child is started with."""
-  started = []
+class _FakeChild:
+  """subprocess.Popen's stand-in: records the child's workdir and environment, ends at the
+  second poll."""
 
-  class Proc:
-    returncode = 0
+  started: list = []
+  returncode = 0
 
-    def __init__(self, argv, env, **kwargs):
-      started.append((argv[argv.index("--workdir") + 1], env))
-      self.polls = 0
+  def __init__(self, argv, env, **kwargs):
+    self.started.append((argv[argv.index("--workdir") + 1], env))
+    self.polls = 0
 
-    def poll(self):  # Finishes at the second look.
-      self.polls += 1
-      return 0 if self.polls > 1 else None
+  def poll(self):
+    self.polls += 1
+    return 0 if self.polls > 1 else None
 
-  monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
-  monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
-  monkeypatch.setattr(sweep.subprocess, "Popen", Proc)
+
+def _execute(tmp_path, monkeypatch, parallel: int) -> tuple[list, list, list]:
+  """execute() with fake processes: (runs, [(workdir, env) of each child], echoed lines)."""
+  monkeypatch.setattr(_FakeChild, "started", [])
+  monkeypatch.setattr(sweep.subprocess, "Popen", _FakeChild)
   runs = sweep.plan(FIXTURE)
   lines = []
-  sweep.execute(FIXTURE, str(tmp_path), runs, parallel=2, echo=lines.append)
+  sweep.execute(FIXTURE, str(tmp_path), runs, parallel=parallel, echo=lines.append)
+  return runs, _FakeChild.started, lines
+
+
+def test_each_child_process_gets_its_gpu(tmp_path, monkeypatch):
+  monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+  runs, started, lines = _execute(tmp_path, monkeypatch, parallel=2)
   gpus = {os.path.basename(w): env["CUDA_VISIBLE_DEVICES"] for w, env in started}
   assert gpus == {runs[0].name: "4", runs[1].name: "5", runs[2].name: "4"}
   assert all("XLA_PYTHON_CLIENT_MEM_FRACTION" not in env for _, env in started)
   assert lines[0] == f"[1/3] start {runs[0].name} (CUDA_VISIBLE_DEVICES=4)"
   header = (tmp_path / runs[1].name / sweep.LOG_FILE).read_text().splitlines()[0]
   assert '{"CUDA_VISIBLE_DEVICES": "5"} [' in header
+
+
+def test_parallel_children_on_a_tpu_vm_get_chips_of_their_own():
+  four = ["0", "1", "2", "3"]
+  pairs = [sweep.child_env(s, 2, [], {}, chips=four) for s in range(2)]
+  assert pairs[0] == {"TPU_VISIBLE_CHIPS": "0,1", "TPU_CHIPS_PER_PROCESS_BOUNDS": "1,2,1",
+                      "TPU_PROCESS_BOUNDS": "1,1,1", "TPU_PROCESS_PORT": "8476",
+                      "TPU_PROCESS_ADDRESSES": "localhost:8476", "CLOUD_TPU_TASK_ID": "0",
+                      "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+  assert {k: pairs[1][k] for k in ("TPU_VISIBLE_CHIPS", "TPU_PROCESS_PORT")} == {
+    "TPU_VISIBLE_CHIPS": "2,3", "TPU_PROCESS_PORT": "8477"}
+  # Three runs on four chips: one chip each (the fourth idles); a 2x4 host in halves.
+  assert [sweep.child_env(s, 3, [], {}, chips=four)["TPU_VISIBLE_CHIPS"] for s in range(3)] == [
+    "0", "1", "2"]
+  assert sweep.child_env(2, 3, [], {}, chips=four)["TPU_CHIPS_PER_PROCESS_BOUNDS"] == "1,1,1"
+  half = sweep.child_env(1, 2, [], {}, chips=[str(c) for c in range(8)])
+  assert (half["TPU_VISIBLE_CHIPS"], half["TPU_CHIPS_PER_PROCESS_BOUNDS"]) == ("4,5,6,7", "2,2,1")
+  assert sweep.child_env(0, 1, [], {}, chips=four) == {}  # One run: all chips, JAX's defaults.
+  assert sweep.visible_tpu_chips({"TPU_VISIBLE_CHIPS": "4, 5"}) == ["4", "5"]
+
+
+def test_each_child_process_on_a_tpu_vm_gets_its_chips(tmp_path, monkeypatch, capsys):
+  from jax._src import hardware_utils
+
+  monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # No GPUs, even where nvidia-smi finds some.
+  monkeypatch.delenv("TPU_VISIBLE_CHIPS", raising=False)
+  monkeypatch.setattr(hardware_utils, "num_available_tpu_chips_and_device_id",
+                      lambda: (4, hardware_utils.TpuVersion.v4))  # A v4-8 host's PCI bus.
+  runs, started, lines = _execute(tmp_path, monkeypatch, parallel=2)
+  chips = {os.path.basename(w): (env["TPU_VISIBLE_CHIPS"], env["TPU_PROCESS_PORT"])
+           for w, env in started}
+  # The third run takes the slot (chips and port) that the first one freed.
+  assert chips == {runs[0].name: ("0,1", "8476"), runs[1].name: ("2,3", "8477"),
+                   runs[2].name: ("0,1", "8476")}
+  assert all(env["TPU_CHIPS_PER_PROCESS_BOUNDS"] == "1,2,1" for _, env in started)
+  assert lines[0].startswith(f"[1/3] start {runs[0].name} (TPU_VISIBLE_CHIPS=0,1 ")
+  monkeypatch.setattr(_FakeChild, "started", [])
+  assert sweep.main(["--config", FIXTURE, "--workdir", str(tmp_path / "x"),
+                     "--parallel", "5"]) == 2
+  assert _FakeChild.started == []  # Refused before any run started.
+  assert ("--parallel 5: this TPU VM has 4 chip(s) (0, 1, 2, 3) and a chip serves one process; "
+          "use --parallel 4 or less.") in capsys.readouterr().err
