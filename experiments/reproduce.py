@@ -7,9 +7,11 @@ before the run.
 Each claim is an experiment file in experiments/reproductions/ (its docstring: `Claim:`,
 `Paper:`, `Band:`, `Budget:`, `Command:`, `Hardware:`) with `get_config(arg)`, `get_sweep(arg)`,
 `check(cells) -> (status, detail)`, SWEEP_METRIC, PAPER and BAND (short forms for the table),
-optionally ORDER and `plot(cells) -> Figure`. The runner runs every claim's sweep through
-launch.sweep (one `experiments.main` process per point, so the normal trainer), under
-`<workdir>/<claim>/`, then writes into the workdir:
+optionally ORDER, `plot(cells) -> Figure` and `measure(run_dir) -> {metric: value}` (numbers
+measured on a finished run, e.g. from its checkpoint's attention maps or its metrics.jsonl;
+cached in the run's `measures.json` and reported beside its eval metrics). The runner runs
+every claim's sweep through launch.sweep (one `experiments.main` process per point, so the
+normal trainer), under `<workdir>/<claim>/`, then writes into the workdir:
 
 - `results.json`: per claim its paper, band, status (pass / fail / incomplete), detail, every
   variant's mean / std / n per metric and the wall time; plus the git commit and package versions
@@ -28,6 +30,7 @@ import argparse
 import dataclasses
 import datetime
 import glob
+import hashlib
 import json
 import math
 import os
@@ -55,6 +58,7 @@ class Cell:
   done: int
   stats: dict[str, tuple[float, float | None, int]]
   failed: int = 0  # runs that exited with an error (a diverged run, a bad config)
+  dirs: list[str] = dataclasses.field(default_factory=list)  # the finished runs' directories
 
   def mean(self, metric: str) -> float:
     """The metric's mean over seeds; NaN when no seed finished."""
@@ -83,16 +87,45 @@ def claim_files(claims_dir: str = CLAIMS_DIR) -> dict[str, str]:
   return {name: modules[name] for name in sorted(modules, key=lambda n: (order[n], n))}
 
 
-def cells_of(results: Sequence[report.RunResult], metrics: Sequence[str]) -> Cells:
+def cells_of(results: Sequence[report.RunResult], metrics: Sequence[str],
+             claim_dir: str = "") -> Cells:
   """Groups runs by variant: each variant's point and its stats (launch.report.aggregate)."""
   points: dict[str, dict[str, Any]] = {}
   failed: dict[str, int] = {}
+  dirs: dict[str, list[str]] = {}
   for r in results:
     points.setdefault(r.variant, {k.removeprefix(grid.ARG_PREFIX): v
                                   for k, v in r.overrides.items() if k != grid.SEED_KEY})
     failed[r.variant] = failed.get(r.variant, 0) + (r.status == "failed")
-  return Cells(Cell(points[v.variant], v.runs, v.done, v.stats, failed[v.variant])
-               for v in report.aggregate(results, metrics))
+    dirs.setdefault(r.variant, [])
+    if r.status == "done":
+      dirs[r.variant].append(storage.join(claim_dir, r.name))
+  return Cells(Cell(points[v.variant], v.runs, v.done, v.stats, failed[v.variant],
+                    dirs[v.variant]) for v in report.aggregate(results, metrics))
+
+
+MEASURES_FILE = "measures.json"
+
+
+def add_measures(module: ModuleType, claim_dir: str,
+                 results: Sequence[report.RunResult]) -> None:
+  """Adds the claim's `measure(run_dir)` numbers to each finished run's metrics: computed once,
+  then read from the run's measures.json (recomputed when the run's summary.json changed, e.g.
+  after the run was redone)."""
+  if not hasattr(module, "measure"):
+    return
+  for r in results:
+    if r.status != "done":
+      continue
+    run_dir = storage.join(claim_dir, r.name)
+    path = storage.join(run_dir, MEASURES_FILE)
+    summary = hashlib.sha256(storage.read_text(storage.join(run_dir, "summary.json")).encode())
+    cached = json.loads(storage.read_text(path)) if storage.exists(path) else {}
+    if cached.get("summary_sha256") != summary.hexdigest():
+      cached = {"summary_sha256": summary.hexdigest(),
+                "measures": {k: float(v) for k, v in module.measure(run_dir).items()}}
+      storage.write_text_atomic(path, json.dumps(cached, indent=2))
+    r.metrics.update(cached["measures"])
 
 
 def verdict(check: Callable[[Cells], tuple[str, str]], cells: Cells) -> tuple[str, str]:
@@ -132,8 +165,9 @@ def summarize(name: str, module: ModuleType, claim_dir: str) -> dict[str, Any]:
     return entry
   report.write_report(claim_dir, metric=module.SWEEP_METRIC)
   results = report.collect(claim_dir)
+  add_measures(module, claim_dir, results)
   metrics = report.metric_names(results, module.SWEEP_METRIC)
-  cells = cells_of(results, metrics)
+  cells = cells_of(results, metrics, claim_dir)
   entry["status"], entry["detail"] = verdict(module.check, cells)
   entry["cells"] = [{"point": c.point, "runs": c.runs, "done": c.done, "failed": c.failed,
                      "stats": {k: [nan_to_none(m), s, n] for k, (m, s, n) in c.stats.items()}}

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from attn.layers.norms import BatchNorm
 from attn.train.state import TrainState
 from attn.train.tasks import Batch, Task
 
@@ -47,6 +48,42 @@ def _grads_and_stats(state: TrainState, batch: Batch, rng: jax.Array, *, model: 
 
   grads, (stats, new_batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
   return grads, stats, new_batch_stats
+
+
+def batchnorm_drift(before: Any, after: Any, momentum: float) -> dict[str, jax.Array]:
+  """How far each BatchNorm layer's batch statistics were from its running statistics.
+
+  Shen et al. 2020 ("PowerNorm", fig. 2) plot, per training step, (1/d) ||mu_B - mu|| and
+  (1/d) ||sigma_B^2 - sigma^2||: the batch's mean / variance against the running averages
+  used at inference. The batch statistics are recovered exactly from the running averages
+  before and after the step, since after = m * before + (1 - m) * batch.
+
+  Args:
+    before: the `batch_stats` collection before the step ({path: {'mean', 'var'}} nested).
+    after: the same after the step.
+    momentum: the BatchNorm momentum m.
+
+  Returns:
+    `bn_mean_distance` / `bn_var_distance`: the distances averaged over the BatchNorm layers;
+    `bn_first_mean_distance` / `bn_first_var_distance`: those of the first layer (the first
+    path in sorted order, e.g. the first block's first norm). {} without BatchNorm.
+  """
+  flat_before = jax.tree_util.tree_flatten_with_path(before)[0]
+  flat_after = jax.tree.leaves(after)
+  layers: dict[tuple[str, ...], dict[str, jax.Array]] = {}
+  for (path, old), new in zip(flat_before, flat_after, strict=True):
+    keys = tuple(str(getattr(p, "key", p)) for p in path)
+    batch = old + (new - old) / (1.0 - momentum)
+    layers.setdefault(keys[:-1], {})[keys[-1]] = jnp.linalg.norm(batch - old) / old.size
+  if not layers:
+    return {}
+  names = sorted(layers)
+  out = {}
+  for stat in ("mean", "var"):
+    values = jnp.stack([layers[n][stat] for n in names])
+    out[f"bn_{stat}_distance"] = jnp.mean(values)
+    out[f"bn_first_{stat}_distance"] = values[0]
+  return out
 
 
 def train_step(state: TrainState, batch: Batch, *, model: Any, task: Task,
@@ -91,6 +128,8 @@ def train_step(state: TrainState, batch: Batch, *, model: Any, task: Task,
     "param_norm": optax.tree.norm(params),
     "learning_rate": schedule(state.step),
   }
+  if state.batch_stats and grad_accum_steps == 1:  # BatchNorm: batch vs running statistics.
+    metrics.update(batchnorm_drift(state.batch_stats, batch_stats, BatchNorm.momentum))
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             batch_stats=batch_stats)
   return new_state, metrics

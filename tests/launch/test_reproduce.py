@@ -9,6 +9,7 @@ import shutil
 import tempfile
 import textwrap
 
+import numpy as np
 import pytest
 
 from experiments import reproduce
@@ -17,6 +18,7 @@ FAKE_CLAIM = textwrap.dedent('''
     """A fake claim for the runner's test: RMSNorm and LayerNorm both end with a finite loss
     below {bound} after 4 steps of the norm ablation's runlocal config."""
     import math
+    import os
 
     from experiments import norm_ablation
     from launch import grid
@@ -36,6 +38,11 @@ FAKE_CLAIM = textwrap.dedent('''
 
     def get_sweep(arg=None):
       return grid.grid({{"arg.norm": ["layernorm", "rmsnorm"]}})
+
+
+    def measure(run_dir):
+      with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return {{"train_records": sum('"train"' in line for line in f)}}
 
 
     def check(cells):
@@ -80,6 +87,14 @@ def test_runner_runs_skips_resumes_and_reports(tmp_path, child_env, capsys):
   assert sorted(losses) == ["layernorm", "rmsnorm"]
   for mean, std, n in losses.values():  # one seed: no std
     assert 0 < mean < 100 and std is None and n == 1
+  # measure(): computed once per finished run, cached beside it, reported with the metrics.
+  for cell in trains["cells"]:
+    run_dir = os.path.join(work, "trains", f"norm={cell['point']['norm']}")
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+      records = sum('"train"' in line for line in f)
+    assert records > 0 and cell["stats"]["train_records"] == [records, None, 1]
+    with open(os.path.join(run_dir, reproduce.MEASURES_FILE)) as f:
+      assert json.load(f)["measures"] == {"train_records": records}
   assert results["claims"]["too_good"]["status"] == "not run"
   with open(os.path.join(work, "trains.png"), "rb") as f:
     assert f.read(4) == b"\x89PNG"
@@ -105,6 +120,10 @@ def test_runner_runs_skips_resumes_and_reports(tmp_path, child_env, capsys):
   assert "new run" in log and "resuming at step 2" in log
   with open(os.path.join(run_dir, "summary.json")) as f:
     assert json.load(f)["step"] == 4
+  with open(os.path.join(run_dir, "metrics.jsonl")) as f:  # the resumed run logged more lines
+    records = sum('"train"' in line for line in f)
+  with open(os.path.join(run_dir, reproduce.MEASURES_FILE)) as f:  # so it was measured again
+    assert json.load(f)["measures"] == {"train_records": records}
 
   # The same runs against a band they miss: fail, and the exit status says so.
   shutil.copytree(os.path.join(work, "trains"), os.path.join(work, "too_good"))
@@ -182,6 +201,56 @@ def test_other_bands():
   assert mech.check(rows(good))[0] == "pass"
   assert mech.check(rows({**good, "linear": 2.05}))[0] == "fail"
   assert mech.check(rows({**good, "cosine": 2.5}))[0] == "fail"
+
+
+def test_map_claims_bands():
+  sink = _claim("gated_sink").check
+  rows = lambda metric, soft, other, name: _cells([  # noqa: E731
+      ({"attention": "mha"}, {metric: soft}, False), ({"attention": name}, {metric: other}, False)])
+  assert sink(rows("first_token_mass", 0.30, 0.10, "gated"))[0] == "pass"
+  assert sink(rows("first_token_mass", 0.30, 0.20, "gated"))[0] == "fail"  # 0.67 x softmax
+  assert sink(rows("first_token_mass", 0.30, math.nan, "gated"))[0] == "incomplete"
+  sparse = _claim("differential_sparsity").check
+  assert sparse(rows("top8_share", 0.80, 0.92, "differential"))[0] == "pass"  # noise 0.08 / 0.2
+  assert sparse(rows("top8_share", 0.80, 0.85, "differential"))[0] == "fail"  # noise 0.15 / 0.2
+
+
+def _brute_force_measures(weights, segments, k, min_keys):
+  """float64 loops over every (layer, row, head, query) of the maps."""
+  first, share = [], []
+  n_layers, n_rows, n_heads, length, _ = weights.shape
+  for b in range(n_rows):
+    for t in range(length):
+      if segments[b, t] == 0:
+        continue
+      start = t
+      while start > 0 and segments[b, start - 1] == segments[b, t]:
+        start -= 1
+      for layer in range(n_layers):
+        for h in range(n_heads):
+          row = np.abs(weights[layer, b, h, t, start:t + 1].astype(np.float64))
+          if t - start + 1 >= 2:
+            first.append(weights[layer, b, h, t, start])
+          if t - start + 1 >= min_keys:
+            share.append(np.sort(row)[::-1][:k].sum() / row.sum())
+  return np.mean(first), np.mean(share)
+
+
+def test_map_measures_against_loops():
+  from experiments.reproductions import _maps
+
+  rng = np.random.default_rng(0)
+  segments = np.array([[1] * 5 + [2] * 7, [1] * 9 + [0] * 3])  # packed row; padded row
+  length = segments.shape[1]
+  logits = rng.normal(size=(2, 2, 3, length, length))
+  same = (segments[:, :, None] == segments[:, None, :]) & np.tril(np.ones((length, length), bool))
+  weights = np.where(same[None, :, None], np.exp(logits), 0.0)
+  weights = weights / np.maximum(weights.sum(-1, keepdims=True), 1e-30)
+  weights[1] -= 0.3 * np.roll(weights[1], 1, axis=-1) * same[:, None]  # signed, like differential
+  first, share = _brute_force_measures(weights, segments, k=3, min_keys=4)
+  np.testing.assert_allclose(_maps.first_token_mass(weights, segments), first, rtol=1e-12)
+  np.testing.assert_allclose(_maps.top_k_share(weights, segments, k=3, min_keys=4), share,
+                             rtol=1e-12)
 
 
 # Claims measured outside their band here (README "Reproductions", the files' `Found:`); they stay
