@@ -7,7 +7,8 @@ before the run.
 Each claim is an experiment file in experiments/reproductions/ (its docstring: `Claim:`,
 `Paper:`, `Band:`, `Budget:`, `Command:`, `Hardware:`) with `get_config(arg)`, `get_sweep(arg)`,
 `check(cells) -> (status, detail)`, SWEEP_METRIC, PAPER and BAND (short forms for the table),
-optionally ORDER, `plot(cells) -> Figure` and `measure(run_dir) -> {metric: value}` (numbers
+optionally ORDER, TABLE (the metrics results.md shows, default: the first four), `plot(cells) ->
+Figure` and `measure(run_dir) -> {metric: value}` (numbers
 measured on a finished run, e.g. from its checkpoint's attention maps or its metrics.jsonl;
 cached in the run's `measures.json` and reported beside its eval metrics). The runner runs
 every claim's sweep through launch.sweep (one `experiments.main` process per point, so the
@@ -160,7 +161,8 @@ def summarize(name: str, module: ModuleType, claim_dir: str) -> dict[str, Any]:
   entry: dict[str, Any] = {
       "paper": getattr(module, "PAPER", ""), "claim": docstring_field(module.__doc__, "Claim"),
       "band": getattr(module, "BAND", ""), "metric": module.SWEEP_METRIC, "status": "not run",
-      "detail": "", "cells": [], "wall_s": None, "plot": None}
+      "detail": "", "cells": [], "wall_s": None, "plot": None,
+      "table": list(getattr(module, "TABLE", []))}
   if not storage.exists(storage.join(claim_dir, report.PLAN_FILE)):
     return entry
   report.write_report(claim_dir, metric=module.SWEEP_METRIC)
@@ -217,7 +219,7 @@ def markdown(summary: dict[str, Any]) -> str:
       continue
     metrics = list(dict.fromkeys(k for cell in c["cells"] for k in cell["stats"]))
     metrics.sort(key=lambda m: m != c["metric"])
-    metrics = metrics[:4]
+    metrics = [m for m in c.get("table") or metrics[:4] if m in metrics]
     lines += ["", f"## {name}", "", c["claim"], "",
               "| variant | runs | " + " | ".join(metrics) + " |",
               "|---|---|" + "---|" * len(metrics)]

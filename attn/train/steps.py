@@ -9,6 +9,7 @@ gradient accumulation computes the same update as one big batch, up to float sum
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import jax
@@ -50,6 +51,19 @@ def _grads_and_stats(state: TrainState, batch: Batch, rng: jax.Array, *, model: 
   return grads, stats, new_batch_stats
 
 
+def _depth_order(path: tuple[str, ...]) -> tuple[tuple[int, int, str], ...]:
+  """Sort key of a module path in depth order: `layer_N` by N (layer_2 before layer_10), a
+  `final...` module after the layers, other names alphabetically (attention_norm, mlp_norm)."""
+  key = []
+  for part in path:
+    match = re.fullmatch(r"layer_(\d+)", part)
+    if match:
+      key.append((1, int(match.group(1)), ""))
+    else:
+      key.append((2 if part.startswith("final") else 0, 0, part))
+  return tuple(key)
+
+
 def batchnorm_drift(before: Any, after: Any, momentum: float) -> dict[str, jax.Array]:
   """How far each BatchNorm layer's batch statistics were from its running statistics.
 
@@ -65,8 +79,8 @@ def batchnorm_drift(before: Any, after: Any, momentum: float) -> dict[str, jax.A
 
   Returns:
     `bn_mean_distance` / `bn_var_distance`: the distances averaged over the BatchNorm layers;
-    `bn_first_mean_distance` / `bn_first_var_distance`: those of the first layer (the first
-    path in sorted order, e.g. the first block's first norm). {} without BatchNorm.
+    `bn_first_mean_distance` / `bn_first_var_distance`: those of the first layer in depth
+    order (`_depth_order`: the first block's first norm). {} without BatchNorm.
   """
   flat_before = jax.tree_util.tree_flatten_with_path(before)[0]
   flat_after = jax.tree.leaves(after)
@@ -77,7 +91,7 @@ def batchnorm_drift(before: Any, after: Any, momentum: float) -> dict[str, jax.A
     layers.setdefault(keys[:-1], {})[keys[-1]] = jnp.linalg.norm(batch - old) / old.size
   if not layers:
     return {}
-  names = sorted(layers)
+  names = sorted(layers, key=_depth_order)
   out = {}
   for stat in ("mean", "var"):
     values = jnp.stack([layers[n][stat] for n in names])

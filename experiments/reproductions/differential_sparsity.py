@@ -35,7 +35,7 @@ from launch import grid
 ORDER = 8
 TITLE = "Top-8 share of attention mass (tiny byte LM)"
 PAPER = "Ye et al. 2024 (Differential Transformer)"
-BAND = "noise mass (1 - top-8 share of |weights|): differential <= 0.5 x softmax"
+BAND = "noise mass (1 - top-8 share of abs(weights)): differential <= 0.5 x softmax"
 SWEEP_METRIC = "top8_share"
 RATIO = 0.5
 

@@ -36,6 +36,8 @@ TITLE = "LayerNorm vs BatchNorm (Pre-LN, pystdlib bytes)"
 PAPER = "Shen et al. 2020 (PowerNorm)"
 BAND = "batchnorm eval loss >= layernorm + 0.05 nats/byte (diverged = worse)"
 SWEEP_METRIC = "loss"
+TABLE = ["loss", "bn_mean_distance", "bn_var_distance", "bn_first_mean_distance",
+         "bn_first_var_distance"]
 MIN_GAP = 0.05
 
 

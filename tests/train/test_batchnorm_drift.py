@@ -15,7 +15,9 @@ def _distance(batch, running):
 
 def test_recovers_the_batch_statistics_of_every_layer():
   rng = np.random.default_rng(0)
-  xs = {"a_first": rng.normal(1.5, 2.0, (8, 5, 6)), "b_second": rng.normal(-1.0, 0.5, (8, 5, 6))}
+  # Depth order, not sorted order: layer_2 before layer_10, the final norm last.
+  names = ["layer_2", "layer_10", "final_norm"]
+  xs = {name: rng.normal(1.5 - i, 2.0 / (i + 1), (8, 5, 6)) for i, name in enumerate(names)}
   before, after = {}, {}
   for name, x in xs.items():
     norm = BatchNorm()
@@ -30,7 +32,7 @@ def test_recovers_the_batch_statistics_of_every_layer():
 
   expected = {}
   for stat, fn in (("mean", np.mean), ("var", np.var)):  # biased variance, as BatchNorm's
-    per_layer = [_distance(fn(xs[n].reshape(-1, 6), axis=0), before[n][stat]) for n in sorted(xs)]
+    per_layer = [_distance(fn(xs[n].reshape(-1, 6), axis=0), before[n][stat]) for n in names]
     expected[f"bn_{stat}_distance"] = np.mean(per_layer)
     expected[f"bn_first_{stat}_distance"] = per_layer[0]
   assert sorted(drift) == sorted(expected)
