@@ -1,5 +1,7 @@
 """Decoding: the KV cache reproduces the full forward; sampling and beam search contracts."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -232,3 +234,37 @@ def test_recurrent_decoding_equals_the_full_forward_and_uncached_greedy(attentio
   expected = _naive_greedy(model, params, tokens, 5)
   np.testing.assert_array_equal(decode.generate(model, params, tokens, max_new_tokens=5),
                                 expected)
+
+
+def test_performer_decodes_like_its_uncached_forward_with_features_drawn_once():
+  """Through `generate`: greedy performer decoding (its recurrent state) equals decoding
+  without a cache, every step's logits equal the full forward's to float32 precision, and no
+  step redraws the random features (no QR in the step's program: they are the constant drawn
+  once from the seed, the very array training uses)."""
+  from attn.layers import variants
+  from attn.ops import linear
+
+  model, params, tokens = _model(attention="performer", position="rope",
+                                 attention_options={"num_features": 16, "chunk_size": 4})
+  out = decode.generate(model, params, tokens, max_new_tokens=6)
+  full = jax.jit(model.apply)({"params": params}, out)  # decoding without a cache
+  np.testing.assert_array_equal(out[:, 6:], jnp.argmax(full[:, 5:-1], axis=-1))  # greedy
+
+  step, _, cache = decode._decoder_setup(model, params, tokens, bos_id=1, pad_id=0)
+  step = jax.jit(step)
+  positions = lambda a, b: jnp.broadcast_to(jnp.arange(a, b), (2, b - a))
+  logits, cache = step(cache, out[:, :6], positions(0, 6))
+  outputs = [logits]
+  for t in range(6, out.shape[1]):
+    logits, cache = step(cache, out[:, t:t + 1], positions(t, t + 1))
+    outputs.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(outputs, axis=1), full, atol=2e-5, rtol=2e-5)
+
+  programs = [str(jax.make_jaxpr(step)(cache, out[:, :1], positions(11, 12))),
+              str(jax.make_jaxpr(model.apply)({"params": params}, out))]
+  assert not any(re.search(r"\bqr\[", p) for p in programs)
+  features = variants.seed_features(0, 16, 8)
+  assert features is variants.seed_features(0, 16, 8)  # drawn once
+  np.testing.assert_allclose(features, jax.jit(linear.orthogonal_random_features,
+                                               static_argnums=(1, 2))(jax.random.key(0), 16, 8),
+                             atol=1e-6)

@@ -14,6 +14,7 @@ Softmax cores with a sparsity pattern (local, chunked, bigbird, longformer) give
 recorded weights see it too).
 """
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -196,6 +197,17 @@ class Linear(nn.Module):
                                                    chunk_size=self.chunk_size))
 
 
+@functools.lru_cache(maxsize=32)
+def seed_features(seed: int, num_features: int, head_dim: int) -> np.ndarray:
+  """Performer's fixed `[M, H]` features for `seed`: computed once, eagerly (also when called
+  while a function is being traced), so a jitted step holds them as a constant."""
+  with jax.ensure_compile_time_eval():
+    features = linear.orthogonal_random_features(jax.random.key(seed), num_features, head_dim)
+    features = np.asarray(features)
+  features.flags.writeable = False
+  return features
+
+
 @registry.register(
     name="performer", paper="Choromanski et al. 2021",
     summary="FAVOR+: positive orthogonal random features, redrawable", decoding="recurrent",
@@ -205,8 +217,12 @@ class Performer(nn.Module):
 
   The features are fixed by `seed` unless a 'features' rng is given
   (`apply(..., rngs={'features': key})`): pass a new key every N steps to redraw them, as the
-  paper does during training. decode=True: recurrent decoding, O(1) state per token.
-  `return_weights=True` gives (output, its implicit `[B, N, T, S]` attention matrix).
+  paper does during training. The fixed features are drawn once per (seed, num_features,
+  head_dim) and enter the compiled program as a constant (`seed_features`), so neither a
+  training step nor a decoding step redraws them (a QR per call), and decoding uses exactly
+  the features training used. decode=True: recurrent decoding, O(1) state per token; it
+  always uses the seed's features. `return_weights=True` gives (output, its implicit
+  `[B, N, T, S]` attention matrix).
   """
 
   returns_weights = True  # MultiHeadAttention's record_weights asks it for its own map
@@ -218,8 +234,11 @@ class Performer(nn.Module):
   @nn.compact
   def __call__(self, query: Array, key: Array, value: Array, *, scale: float | None = None,
                **kwargs: Any) -> Array:
-    rng = self.make_rng("features") if self.has_rng("features") else jax.random.key(self.seed)
-    projection = linear.orthogonal_random_features(rng, self.num_features, query.shape[-1])
+    if self.has_rng("features") and not self.decode:  # a redraw (training)
+      projection = linear.orthogonal_random_features(self.make_rng("features"),
+                                                     self.num_features, query.shape[-1])
+    else:
+      projection = seed_features(self.seed, self.num_features, query.shape[-1])
     return _recurrent(
         self, "performer", value, self.num_features, kwargs,
         lambda **kw: linear.performer_attention(query, key, value, projection, scale=scale,
