@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from attn import decode
+from attn.layers import registry
 from attn.models import EncoderDecoder, ModelConfig, build
 
 SMALL = dict(vocab_size=30, d_model=32, num_heads=4, mlp_dim=48, max_len=20, num_layers=2)
@@ -200,13 +201,19 @@ RECURRENT_OPTIONS = {"linear": {"chunk_size": 4}, "performer": {"num_features": 
                                                                "chunk_size": 4}}
 
 
-@pytest.mark.parametrize("attention", ["linear", "performer"])
+# The registry's recurrent cores (layer-level ones, gated_deltanet, have the same check in
+# tests/layers/mechanism_checks.py); small options where a core has them.
+RECURRENT_CORES = [name for name, m in registry.mechanisms().items()
+                   if m.decoding == "recurrent" and m.level == "core"]
+
+
+@pytest.mark.parametrize("attention", RECURRENT_CORES)
 def test_recurrent_decoding_equals_the_full_forward_and_uncached_greedy(attention):
   """Causal linear / performer decode from their O(1) state ("Transformers are RNNs"): the
   logits of a prefill + single steps equal the full forward, greedy generate equals greedy
   without a cache, and the cache holds no keys or values, so its size ignores max_len."""
   model, params, tokens = _model(attention=attention, num_kv_heads=2, position="rope",
-                                 attention_options=RECURRENT_OPTIONS[attention])
+                                 attention_options=RECURRENT_OPTIONS.get(attention, {}))
   target = jnp.asarray(np.random.default_rng(1).integers(3, 30, size=(2, 9)), jnp.int32)
   full = model.apply({"params": params}, target)
   decoder = model.clone(decode=True)
@@ -225,7 +232,7 @@ def test_recurrent_decoding_equals_the_full_forward_and_uncached_greedy(attentio
   assert not any("cached_key" in n or "cached_value" in n for n in names), names
   longer = build(ModelConfig(kind="lm", **(SMALL | dict(
       max_len=200, attention=attention, num_kv_heads=2, position="rope",
-      attention_options=RECURRENT_OPTIONS[attention])))).clone(decode=True)
+      attention_options=RECURRENT_OPTIONS.get(attention, {}))))).clone(decode=True)
   sizes = [sum(x.size for x in jax.tree.leaves(jax.eval_shape(
       m.init, jax.random.key(0), jnp.zeros((2, n), jnp.int32))["cache"]))
       for m, n in ((decoder, 20), (longer, 200))]
