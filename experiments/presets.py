@@ -12,6 +12,8 @@ from typing import Any
 
 import ml_collections
 
+from attn.errors import ConfigError
+
 # Decoder / encoder sizes (d_model, layers, heads, mlp). Parameter counts are for the byte
 # vocabulary (259) with tied embeddings; a 32k SentencePiece vocabulary adds 32k x d_model.
 SIZES: dict[str, dict[str, int]] = {
@@ -84,13 +86,29 @@ def set_attention(config: ml_collections.ConfigDict, name: str) -> None:
   for option in entry.options:
     if option in LENGTH_OPTIONS:
       config.model.attention_options[option] = max(1, int(seq * LENGTH_OPTIONS[option]))
-  # What the registry says the mechanism cannot do, the experiment does not ask of it (the
-  # trainer would stop with a ConfigError naming these same fixes).
-  if not entry.packed:
-    config.data.pack = False  # one sequence per row, the rest padding
-  if entry.decoding is None:
-    config.train.sample_tokens = 0
-    config.train.bleu_batches = 0
+  fit_mechanism(config, name)
+
+
+def fit_mechanism(config: ml_collections.ConfigDict, name: str) -> None:
+  """Turns off what the experiment's defaults ask of mechanism `name` and the registry says it
+  cannot do (packing, sampling, BLEU decoding: the trainer's own check,
+  `attn.train.config.mechanism_conflicts`), and prints one line saying what and why. Asking
+  for it again on the command line (`--config.train.sample_tokens=64`) is the trainer's
+  ConfigError; where nothing fits (a text task with a mechanism that handles neither packing
+  nor padding) it is a ConfigError here."""
+  from attn.train.config import mechanism_conflicts  # Deferred: the trainer imports jax.
+
+  changes, reasons = [], []
+  for conflict in mechanism_conflicts(config, config.model.kind, (name,)):
+    if conflict.fits is None:
+      raise ConfigError(conflict.message)
+    section, key = conflict.field.split(".")
+    changes.append(f"{conflict.field} {config[section][key]!r} -> {conflict.fits!r}")
+    reasons.append(conflict.reason)
+    config[section][key] = conflict.fits
+  if changes:
+    print(f"attention={name!r}: turned off {', '.join(changes)} "
+          f"({'; '.join(dict.fromkeys(reasons))}; registry: attn/layers/registry.py)")
 
 
 # Local stand-ins for remote datasets: the same task on embedded data (no download).

@@ -8,6 +8,7 @@ name the field and the fix.
 
 from __future__ import annotations
 
+import typing
 from typing import Any
 
 import ml_collections
@@ -188,39 +189,62 @@ def validate(config: ml_collections.ConfigDict) -> None:
                           f"mesh axes: {MESH_AXES}.")
 
 
-def check_mechanism(config: ml_collections.ConfigDict, model_cfg: Any) -> None:
-  """The attention mechanism must do what this run asks of it (registry capabilities): packed
-  text, sampling / BLEU decoding. The kind and the options were checked by ModelConfig."""
+class Conflict(typing.NamedTuple):
+  """Something a run asks of a mechanism that its registry entry says it cannot do."""
+
+  field: str  # the config field, e.g. 'data.pack'
+  fits: Any  # the value that fits the mechanism, or None when none does (pick another one)
+  reason: str  # a few words: why
+  message: str  # the ConfigError's message: the field, what is wrong, the fix
+
+
+def mechanism_conflicts(config: ml_collections.ConfigDict, kind: str,
+                        mechanisms: tuple[str, ...]) -> list[Conflict]:
+  """What `config` asks of these mechanisms that the registry says they cannot do: packed
+  text, sampling / BLEU decoding (`check_mechanism` raises the first; experiments.presets
+  turns off what fits)."""
   from attn.layers import registry  # Deferred like the models: layers import jax and flax.
 
-  kind, t = model_cfg.kind, config.train
-  for name in model_cfg.mechanisms:  # each mechanism of a hybrid attention_pattern too
+  t, out = config.train, []
+  for name in mechanisms:  # each mechanism of a hybrid attention_pattern too
     entry = registry.get(name)
     if kind != "vit":  # Text tasks always pass segment ids (0 = padding).
       packs = kind in ("lm", "encoder_decoder") and bool(config.data.get("pack", True))
       if packs and not entry.packed:
         fix = ("set data.pack=False (one sequence per row)" if entry.padding
                else "pick another mechanism")
-        raise ConfigError(
-          f"model.attention={name!r} does not support packed sequences (segment_ids), and "
-          f"data.pack=True packs several per row; {fix}, or use one of "
-          f"{registry.supporting('packed')}.")
+        out.append(Conflict(
+            "data.pack", False if entry.padding else None, f"{name!r} cannot pack sequences",
+            f"model.attention={name!r} does not support packed sequences (segment_ids), and "
+            f"data.pack=True packs several per row; {fix}, or use one of "
+            f"{registry.supporting('packed')}."))
       if not entry.packed and not entry.padding:
-        raise ConfigError(
-          f"model.attention={name!r} supports neither packed sequences nor padding, which every "
-          f"text task has; use it with model.kind='vit' or pick one of "
-          f"{registry.supporting('padding')}.")
+        out.append(Conflict(
+            "model.attention", None, f"{name!r} handles neither packing nor padding",
+            f"model.attention={name!r} supports neither packed sequences nor padding, which "
+            f"every text task has; use it with model.kind='vit' or pick one of "
+            f"{registry.supporting('padding')}."))
     decoders = registry.supporting("decoding")
     if entry.decoding is None and kind == "lm" and t.sample_tokens > 0:
-      raise ConfigError(
-        f"model.attention={name!r} cannot decode (no KV cache or recurrent state), so "
-        f"train.sample_tokens={t.sample_tokens} cannot sample; set train.sample_tokens=0 or use "
-        f"one of {decoders}.")
+      out.append(Conflict(
+          "train.sample_tokens", 0, f"{name!r} cannot decode",
+          f"model.attention={name!r} cannot decode (no KV cache or recurrent state), so "
+          f"train.sample_tokens={t.sample_tokens} cannot sample; set train.sample_tokens=0 or "
+          f"use one of {decoders}."))
     if entry.decoding is None and kind == "encoder_decoder" and t.bleu_batches > 0:
-      raise ConfigError(
-        f"model.attention={name!r} cannot decode (no KV cache or recurrent state), so "
-        f"train.bleu_batches={t.bleu_batches} cannot translate for BLEU; set "
-        f"train.bleu_batches=0 or use one of {decoders}.")
+      out.append(Conflict(
+          "train.bleu_batches", 0, f"{name!r} cannot decode",
+          f"model.attention={name!r} cannot decode (no KV cache or recurrent state), so "
+          f"train.bleu_batches={t.bleu_batches} cannot translate for BLEU; set "
+          f"train.bleu_batches=0 or use one of {decoders}."))
+  return out
+
+
+def check_mechanism(config: ml_collections.ConfigDict, model_cfg: Any) -> None:
+  """The attention mechanism must do what this run asks of it (registry capabilities): packed
+  text, sampling / BLEU decoding. The kind and the options were checked by ModelConfig."""
+  for conflict in mechanism_conflicts(config, model_cfg.kind, model_cfg.mechanisms):
+    raise ConfigError(conflict.message)
 
 
 def _check_sizes(config: ml_collections.ConfigDict) -> None:

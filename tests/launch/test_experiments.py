@@ -99,3 +99,38 @@ def test_runlocal_trains(name, tmp_path):
     cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert (tmp_path / "summary.json").exists()
+
+
+def test_attention_preset_says_what_it_turns_off_and_asking_again_is_a_config_error(
+    capsys, tmp_path):
+  """`attention=bigbird` (no decoding) turns the LM's sample off and says so in one line; asked
+  for again (`--config.train.sample_tokens=8`), the trainer refuses before any data is built.
+  A text task with a mechanism that handles neither packing nor padding is an error at once."""
+  from attn.errors import ConfigError
+  from attn.layers import variants
+  from experiments import presets
+
+  default = _config("lm", None).train.sample_tokens
+  assert default > 0
+  config = _config("lm", "attention=bigbird")
+  line = capsys.readouterr().out.strip()
+  assert line == (f"attention='bigbird': turned off train.sample_tokens {default} -> 0 "
+                  f"('bigbird' cannot decode; registry: attn/layers/registry.py)")
+  assert config.train.sample_tokens == 0 and config.data.pack
+  _config("lm", "attention=linear")
+  assert capsys.readouterr().out == ""  # nothing to turn off
+  config.train.sample_tokens = 8
+  with pytest.raises(ConfigError, match=r"train.sample_tokens=8 cannot sample; set "
+                                        r"train.sample_tokens=0 or use one of \['softmax'"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run" / "checkpoints").exists()
+
+  class NoPadding(variants.Softmax):
+    pass
+
+  registry_lib.register(name="no_padding", paper="a test", packed=False, padding=False)(NoPadding)
+  try:
+    with pytest.raises(ConfigError, match="does not support packed sequences.*pick another"):
+      presets.set_attention(_config("lm", None), "no_padding")
+  finally:
+    registry_lib.unregister("no_padding")
