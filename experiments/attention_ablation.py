@@ -14,18 +14,28 @@ Command:  python -m launch.sweep --config experiments/attention_ablation.py --wo
               --workdir runs/attn_pos --seeds 2 --parallel 2          # heads x positions
           python -m launch.sweep --config experiments/attention_ablation.py:runlocal \
               --workdir runs/attn_local --parallel 2                 # 2-variant CPU check
+          python -m launch.sweep --config experiments/attention_ablation.py:grid=patterns \
+              --workdir runs/attn_hybrid --seeds 2 --parallel 2       # hybrid layer patterns
           python -m experiments.main \
               --config experiments/attention_ablation.py:attention=gqa,position=alibi,heads=8 \
               --workdir runs/attn_one
+          python -m experiments.main \
+              --config experiments/attention_ablation.py:pattern=qwen3_next --workdir runs/q3n
 Args:     attention=mha|gqa|mqa or any registry mechanism with a causal form (local, chunked,
           bigbird, longformer, linear, performer, cosine, sigmoid, sinks, ...; window-like
           options scale with the length: experiments/presets.LENGTH_OPTIONS),
           position=rope|alibi|t5|sinusoidal|learned|none, heads=4|8, steps=N,
-          grid=mechanisms|positions (which sweep), runlocal.
+          pattern=none|qwen3_next|gemma3|<mechanisms joined by '+'> (a hybrid stack:
+          model.attention_pattern repeated over the layers, num_layers raised to a multiple of
+          its length; presets.PATTERNS: qwen3_next = gated_deltanet x3 + gated, gemma3 =
+          local x5 + softmax; e.g. pattern=gated_deltanet+gated_deltanet+gated),
+          grid=mechanisms|positions|patterns (which sweep), runlocal.
 Sweep:    grid=mechanisms (default): attention {mha, gqa, mqa} + every causal registry mechanism
           but softmax (= mha), at rope and 4 heads: 12 variants today, more as the registry
           grows. grid=positions: attention {mha, gqa, mqa} x position {rope, alibi, t5,
-          sinusoidal, learned, none} x heads {4, 8} = 36 variants.
+          sinusoidal, learned, none} x heads {4, 8} = 36 variants. grid=patterns: pattern
+          {none (= mha), every presets.PATTERNS entry} at rope and 4 heads: 3 variants today
+          (the small model's 4 layers; gemma3 runs 6).
 Hardware: each run is the `small` model (4 layers, d_model 128), 600 steps of 16 x 128 bytes:
           ~3-4 min on a 2-core CPU (t5 is the slowest: its bias is a [T, T] gather), under a
           minute on a GPU. 12 variants x 2 seeds: ~1 CPU-hour at --parallel 2 (estimate).
@@ -47,7 +57,7 @@ from experiments import common, presets
 from launch import grid
 
 SWEEP_METRIC = "loss"
-_ARGS = {"attention": "mha", "position": "rope", "heads": 4, "steps": 600,
+_ARGS = {"attention": "mha", "position": "rope", "heads": 4, "steps": 600, "pattern": "none",
          "grid": "mechanisms", "runlocal": False}
 
 
@@ -79,6 +89,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     presets.runlocal_steps(config)
     config.model.num_heads = 4  # GQA needs more than 2 query heads to differ from MHA.
   presets.set_attention(config, args.attention)
+  if args.pattern != "none":
+    if args.attention != "mha":
+      raise ValueError(f"attention={args.attention!r} and pattern={args.pattern!r}: the pattern "
+                       f"names every layer's mechanism; leave attention unset.")
+    presets.set_attention_pattern(config, args.pattern)
   presets.fit_lengths(config)
   return config
 
@@ -91,5 +106,7 @@ def get_sweep(arg: str | None = None) -> list[grid.Point]:
     return grid.grid({"arg.attention": list(presets.HEAD_SHARING),
                       "arg.position": ["rope", "alibi", "t5", "sinusoidal", "learned", "none"],
                       "arg.heads": [4, 8]})
-  presets.choose("grid", args.grid, {"mechanisms": None, "positions": None})
+  if args.grid == "patterns":
+    return grid.grid({"arg.pattern": ["none", *presets.PATTERNS]})
+  presets.choose("grid", args.grid, {"mechanisms": None, "positions": None, "patterns": None})
   return grid.grid({"arg.attention": mechanism_names()})

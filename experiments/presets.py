@@ -76,6 +76,7 @@ def set_attention(config: ml_collections.ConfigDict, name: str) -> None:
   heads, seq = config.model.num_heads, config.data.seq_len
   for option in config.model.attention_options:  # an earlier mechanism's options go
     config.model.attention_options[option] = None
+  config.model.attention_pattern = ()
   if name in HEAD_SHARING or name == "softmax":
     name = "mha" if name == "softmax" else name
     config.model.update(attention="softmax", num_kv_heads=HEAD_SHARING[name](heads))
@@ -87,6 +88,43 @@ def set_attention(config: ml_collections.ConfigDict, name: str) -> None:
     if option in LENGTH_OPTIONS:
       config.model.attention_options[option] = max(1, int(seq * LENGTH_OPTIONS[option]))
   fit_mechanism(config, name)
+
+
+# Hybrid layer patterns by name (`pattern=NAME`; or mechanisms joined by '+'): the mechanisms
+# repeated over the layers (model.attention_pattern), as current models stack them.
+PATTERNS: dict[str, tuple[str, ...]] = {
+  "qwen3_next": ("gated_deltanet",) * 3 + ("gated",),  # Qwen3-Next: 3 Gated DeltaNet, 1 gated
+  "gemma3": ("local",) * 5 + ("softmax",),  # Gemma 3: 5 sliding-window, 1 global
+}
+
+
+def parse_pattern(pattern: str) -> tuple[str, ...]:
+  """`qwen3_next` (a PATTERNS name) or `gated_deltanet+gated` -> the mechanisms; `none` -> ()."""
+  if pattern in ("none", ""):
+    return ()
+  if pattern in PATTERNS:
+    return PATTERNS[pattern]
+  names = tuple(name.strip() for name in pattern.split("+"))
+  for name in names:
+    choose("pattern mechanism", name, dict.fromkeys(attention_names()[len(HEAD_SHARING):]))
+  return names
+
+
+def set_attention_pattern(config: ml_collections.ConfigDict, pattern: str) -> None:
+  """`pattern=NAME`: model.attention_pattern, MHA heads, each mechanism's length-like options
+  scaled as in `set_attention`, and num_layers raised to a multiple of the pattern's length
+  (Gemma 3's six on the small model's four layers: six)."""
+  names = parse_pattern(pattern)
+  if not names:
+    return
+  options = {}
+  for name in dict.fromkeys(names):  # the options of every mechanism of the pattern
+    set_attention(config, name)
+    options.update({k: v for k, v in config.model.attention_options.items() if v is not None})
+  config.model.attention_options.update(options)
+  length, depth = len(names), config.model.num_layers
+  config.model.update(attention="softmax", attention_pattern=names,
+                      num_layers=-(-depth // length) * length)
 
 
 def fit_mechanism(config: ml_collections.ConfigDict, name: str) -> None:

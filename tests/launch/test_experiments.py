@@ -34,7 +34,9 @@ DOCUMENTED = {
                     "place=sandwich", "runlocal"],
   "attention_ablation": [None, "attention=gqa,position=alibi,heads=8", "attention=mqa,position=t5",
                          "position=none", "attention=linear", "attention=bigbird",
-                         "attention=chunked", "grid=positions", "runlocal"],
+                         "attention=chunked", "grid=positions", "pattern=qwen3_next",
+                         "pattern=gemma3", "pattern=gated_deltanet+gated", "grid=patterns",
+                         "runlocal"],
 }
 SWEEPS = {"mqar": 48, "norm_ablation": 24,
           # Every mechanism with a causal form, from the registry, plus MHA / GQA / MQA.
@@ -134,3 +136,30 @@ def test_attention_preset_says_what_it_turns_off_and_asking_again_is_a_config_er
       presets.set_attention(_config("lm", None), "no_padding")
   finally:
     registry_lib.unregister("no_padding")
+
+
+def test_attention_ablation_sweeps_hybrid_layer_patterns():
+  """grid=patterns: softmax (pattern=none) and the Qwen3-Next and Gemma 3 stacks, each point a
+  valid model whose layers follow the pattern (depth a multiple of its length)."""
+  path = os.path.join(REPO, "experiments", "attention_ablation.py")
+  module, _ = sweep.load_experiment(path)
+  points = module.get_sweep("grid=patterns")
+  assert [p["arg.pattern"] for p in points] == ["none", "qwen3_next", "gemma3"]
+  expected = {"none": (), "qwen3_next": ("gated_deltanet",) * 3 + ("gated",),
+              "gemma3": ("local",) * 5 + ("softmax",)}
+  for point in points:
+    config = module.get_config(f"pattern={point['arg.pattern']}")
+    model = models.ModelConfig.from_config(config.model)
+    pattern = expected[point["arg.pattern"]]
+    assert model.attention_pattern == pattern
+    layers = [model.layer_attention(i) for i in range(model.num_layers)]
+    assert layers == list(pattern) * (len(layers) // len(pattern)) if pattern else (
+        layers == ["softmax"] * 4)
+  gemma = models.ModelConfig.from_config(module.get_config("pattern=gemma3").model)
+  assert gemma.num_layers == 6 and gemma.attention_options["window"] == 32  # 128 / 4
+  qwen = models.ModelConfig.from_config(module.get_config("pattern=qwen3_next").model)
+  assert qwen.num_layers == 4 and qwen.attention_options["chunk_size"] == 32
+  runs = sweep.plan(path + ":grid=patterns", seeds=2)
+  assert len(runs) == 6 and len({r.variant for r in runs}) == 3
+  with pytest.raises(ValueError, match="pattern mechanism"):
+    module.get_config("pattern=gated_deltanet+flash")
