@@ -275,3 +275,35 @@ def test_performer_decodes_like_its_uncached_forward_with_features_drawn_once():
   np.testing.assert_allclose(features, jax.jit(linear.orthogonal_random_features,
                                                static_argnums=(1, 2))(jax.random.key(0), 16, 8),
                              atol=1e-6)
+
+
+@pytest.mark.parametrize("name", registry.supporting("cross_attention"))
+def test_every_cross_attention_mechanism_decodes_like_the_full_forward(name):
+  """Every registry entry with the `cross_attention` capability works as the encoder-decoder's
+  cross-attention (model.cross_attention): packed and padded sources and targets give finite
+  logits, a prefill + single steps equal the full forward, and it is not softmax's."""
+  model, params, source = _model("encoder_decoder", cross_attention=name, num_layers=1)
+  target = jnp.asarray(np.random.default_rng(1).integers(3, 30, size=(2, 9)), jnp.int32)
+  apply = jax.jit(model.apply)
+  full = apply({"params": params}, source[:, :6], target)
+  packed = apply({"params": params}, source[:, :6], target,
+                 inputs_segment_ids=jnp.asarray([[1, 1, 1, 2, 2, 2], [1] * 4 + [0] * 2]),
+                 targets_segment_ids=jnp.asarray([[1] * 5 + [2] * 4, [1] * 7 + [0] * 2]))
+  assert np.isfinite(np.asarray(packed)).all()
+  decoder = model.clone(decode=True)
+  encoded = model.apply({"params": params}, source[:, :6], method=EncoderDecoder.encode)
+  cache = decoder.init(jax.random.key(0), source[:, :6], jnp.zeros((2, 20), jnp.int32))["cache"]
+  outputs = []
+  for start, stop in [(0, 3)] + [(t, t + 1) for t in range(3, 9)]:
+    positions = jnp.broadcast_to(jnp.arange(start, stop), (2, stop - start))
+    logits, state = decoder.apply(
+        {"params": params, "cache": cache}, encoded, target[:, start:stop],
+        targets_positions=positions, method=EncoderDecoder.decode_logits, mutable=["cache"])
+    cache, outputs = state["cache"], [*outputs, logits]
+  np.testing.assert_allclose(jnp.concatenate(outputs, axis=1), full, atol=3e-5, rtol=3e-5)
+  if name != "softmax" and not hasattr(registry.get(name).module, "pattern"):
+    # (a sparsity pattern is softmax at this length; tests/models/test_patterns.py)
+    softmax, softmax_params, _ = _model("encoder_decoder", num_layers=1)
+    same = jax.tree.structure(softmax_params) == jax.tree.structure(params)
+    assert not same or np.max(np.abs(softmax.apply({"params": params}, source[:, :6], target)
+                                     - full)) > 1e-5

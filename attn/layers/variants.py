@@ -175,7 +175,7 @@ def _recurrent(module: nn.Module, name: str, value: Array, features: int, kwargs
 @registry.register(
     name="linear", paper="Katharopoulos et al. 2020",
     summary="elu+1 feature map; causal form by chunk-wise prefix sums", decoding="recurrent",
-    weights=True)
+    weights=True, cross_attention=False)  # its op takes segment ids (padding) only for T == S
 class Linear(nn.Module):
   """Linear attention with the elu + 1 feature map (causal: chunk-wise prefix sums).
 
@@ -211,7 +211,7 @@ def seed_features(seed: int, num_features: int, head_dim: int) -> np.ndarray:
 @registry.register(
     name="performer", paper="Choromanski et al. 2021",
     summary="FAVOR+: positive orthogonal random features, redrawable", decoding="recurrent",
-    weights=True)
+    weights=True, cross_attention=False)  # its op takes segment ids (padding) only for T == S
 class Performer(nn.Module):
   """FAVOR+ with `num_features` positive orthogonal random features.
 
@@ -250,7 +250,8 @@ class Performer(nn.Module):
 @registry.register(
     name="linformer", paper="Wang et al. 2020",
     summary="keys / values projected along the sequence to `projected_length`", causal=False,
-    packed=False, implementations=IMPLEMENTATIONS)
+    packed=False, cross_attention=False,  # the decoder's cross-attention passes segment ids
+    implementations=IMPLEMENTATIONS)
 class Linformer(nn.Module):
   """Keys and values projected from S <= `max_length` positions down to `projected_length`."""
 

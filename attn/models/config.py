@@ -55,6 +55,9 @@ class ModelConfig:
   # length), e.g. ('gated_deltanet', 'gated_deltanet', 'gated_deltanet', 'gated') as in
   # Qwen3-Next; empty = `attention` in every layer. Options go to the mechanisms that have them.
   attention_pattern: tuple[str, ...] = ()
+  # encoder_decoder: the decoder's cross-attention mechanism, a registry name whose entry has
+  # `cross_attention` (its options at their defaults, unless it is also a self-attention one).
+  cross_attention: str = "softmax"
   attention_impl: str | None = None  # 'xla', 'cudnn', ... or None = best available
   position: str = "sinusoidal"
   rope_base: float = 10_000.0
@@ -130,6 +133,7 @@ class ModelConfig:
 
   def _check_attention(self) -> None:
     """The mechanism(s) exist, fit the kind and the depth; the options fit them (frozen)."""
+    self._check_cross_attention()
     pattern = self.attention_pattern
     # The command line's `--config.model.attention_pattern=a,a,a,b` arrives as ('a,a,a,b',).
     pattern = tuple(name.strip() for item in ((pattern,) if isinstance(pattern, str) else pattern)
@@ -171,6 +175,24 @@ class ModelConfig:
     object.__setattr__(self, "attention_options", FrozenDict(options))
     for name in dict.fromkeys(pattern):
       registry.check_layer_config(name, self)
+
+  def _check_cross_attention(self) -> None:
+    """model.cross_attention: a registry mechanism with the `cross_attention` capability (keys
+    from another sequence, S != T), and only where there is cross-attention."""
+    entry = registry.get(self.cross_attention, "model.cross_attention")
+    if self.kind != "encoder_decoder":
+      if self.cross_attention != "softmax":
+        raise ConfigError(
+            f"model.cross_attention={self.cross_attention!r} has no effect: model.kind="
+            f"{self.kind!r} has no cross-attention (only 'encoder_decoder' does); leave it "
+            f"'softmax'.")
+      return
+    if not entry.cross_attention:
+      raise ConfigError(
+          f"model.cross_attention={self.cross_attention!r} cannot attend to another sequence "
+          f"(its registry entry has cross_attention=False: its pattern or state assumes the "
+          f"keys are the queries' own sequence); set model.cross_attention to one of "
+          f"{registry.supporting('cross_attention')} (default 'softmax').")
 
   def layer_attention(self, layer: int) -> str:
     """The mechanism of layer `layer` (0-based) of a stack."""

@@ -52,7 +52,7 @@ def attention_layer(config: ModelConfig, name: str, *, rope: bool, decode: bool 
   A core-level mechanism runs inside MultiHeadAttention; a layer-level one (registry
   `level='layer'`) is built in its place with the same attributes plus its options.
   `config.attention` (and `config.attention_options`) apply to self-attention only;
-  cross-attention and attention pooling stay softmax.
+  cross-attention is `config.cross_attention` (softmax by default), attention pooling softmax.
   """
   entry = registry.get(mechanism)
   options = ({k: v for k, v in config.attention_options.items() if k in entry.options}
@@ -127,7 +127,8 @@ class Block(nn.Module):
         **_segment_keywords(mechanism, context.get("segment_ids")), is_causal=self.causal,
         deterministic=self.deterministic), "self_attention", token_mask)
     if self.cross_attention:
-      cross = attention_layer(config, "cross_attention", rope=False)
+      cross = attention_layer(config, "cross_attention", rope=False,
+                              mechanism=config.cross_attention, layer_index=self.layer_index)
       x = self._residual(x, lambda h: cross(
           h, context["encoded"], segment_ids=context.get("cross_segment_ids"),
           deterministic=self.deterministic), "cross_attention", token_mask)

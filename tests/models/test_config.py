@@ -44,6 +44,13 @@ def test_optional_fields_accept_overrides_of_their_type():
     (dict(attention="local", attention_options={"widow": 3}),
      r"model.attention_options.widow is not an option of model.attention='local'; its options "
      r"\(with defaults\): window=128"),
+    (dict(kind="encoder_decoder", cross_attention="local"),
+     r"model.cross_attention='local' cannot attend to another sequence \(its registry entry has "
+     r"cross_attention=False.*set model.cross_attention to one of \['softmax', 'bigbird'"),
+    (dict(kind="encoder_decoder", cross_attention="flash"),
+     r"model.cross_attention='flash' is unknown; choose one of"),
+    (dict(kind="lm", cross_attention="cosine"),
+     r"model.cross_attention='cosine' has no effect: model.kind='lm' has no cross-attention"),
     (dict(attention="performer", attention_options={"num_features": 2.5}),
      r"model.attention_options.num_features=2.5 does not fit model.attention='performer': "
      r"expected int \(default 256\)"),

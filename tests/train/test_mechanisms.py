@@ -127,3 +127,16 @@ def test_packed_data_with_a_mechanism_that_cannot_pack_is_a_config_error(name, d
   with pytest.raises(ConfigError, match=rf"model.attention='{name}' does not support packed "
                                         r"sequences.*set data.pack=False"):
     train.train_and_evaluate(config, str(tmp_path), make_data=_no_data)
+
+
+@pytest.mark.parametrize("name", [n for n, e in MECHANISMS.items() if not e.cross_attention])
+def test_cross_attention_without_the_capability_is_a_config_error(name, data_dir, tmp_path):
+  """model.cross_attention is read from the registry's `cross_attention` capability: a
+  mechanism without it in an encoder-decoder stops the run before the data is built, naming
+  the field and the mechanisms that fit (what `python -m experiments.main --config
+  experiments/translate.py --config.model.cross_attention=NAME` prints)."""
+  config = _config("encoder_decoder", "softmax", data_dir)
+  config.model.cross_attention = name
+  with pytest.raises(ConfigError, match=rf"model.cross_attention='{name}' cannot attend to "
+                                        rf"another sequence.*one of \['softmax'"):
+    train.train_and_evaluate(config, str(tmp_path), make_data=_no_data)
