@@ -36,7 +36,7 @@ def minimum_pins(pyproject: pathlib.Path = ROOT / "pyproject.toml") -> list[str]
 
 def test_minimum_pins_read_pyproject():
   pins = minimum_pins()
-  assert "jax==0.7.1" in pins and "orbax-checkpoint==0.11.17" in pins
+  assert "jax==0.7.1" in pins and "orbax-checkpoint==0.11.30" in pins
   assert all("[" not in p for p in pins)
 
 
