@@ -251,3 +251,31 @@ def test_ablation_bars(tmp_path):
   assert len(by_seed.axes[0].patches) == 3
   with pytest.raises(ValueError, match="no column"):
     viz.ablation_bars(str(tmp_path), "bleu")
+
+
+def test_mechanism_maps_show_implicit_maps_beside_softmax():
+  """Captured from real models: softmax's map and the implicit ones of the linear-time
+  mechanisms, one panel each (mean of heads of the last layer), a signed map on a scale
+  centred on zero."""
+  tokens = jnp.asarray(np.random.default_rng(0).integers(3, 200, size=(1, 10)), jnp.int32)
+  captured = {}
+  for name in ("softmax", "linear", "gated_deltanet"):
+    model, params = _init(_tiny(attention=name, num_layers=1, position="none"), tokens)
+    captured[name] = viz.stack_layers(viz.capture_attention(model, params, tokens))
+  labels = list("abcdefghij")
+  fig = viz.mechanism_maps(captured, labels, title="maps")
+  images = _images(fig)
+  assert [ax.get_title() for ax in fig.axes[:3]] == [
+      "softmax, mean of heads", "linear, mean of heads", "gated_deltanet, mean of heads"]
+  for image, name in zip(images, captured, strict=True):
+    np.testing.assert_allclose(image, captured[name][-1, 0].mean(0), atol=1e-6)
+    assert np.all(np.triu(image, 1) == 0)  # causal: nothing above the diagonal
+  np.testing.assert_allclose(images[1].sum(-1), 1.0, atol=1e-5)  # linear: rows sum to 1
+  assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == labels
+  for ax in fig.axes[:3]:
+    low, high = ax.images[0].get_clim()
+    signed = (ax.images[0].get_array() < 0).any()
+    assert (low == -high) if signed else low == 0.0
+  one = viz.mechanism_maps({"linear": captured["linear"]}, None, head=1)
+  np.testing.assert_allclose(_images(one)[0], captured["linear"][-1, 0, 1], atol=1e-6)
+  assert np.isfinite(_rendered(fig)).all()

@@ -172,6 +172,51 @@ def cross_attention_figure(weights: Any, source_tokens: Sequence[str] | None,
   return fig
 
 
+def mechanism_maps(weights: Mapping[str, Any], tokens: Sequence[str] | None = None, *,
+                   layer: int = -1, head: int | None = None, example: int = 0,
+                   title: str | None = None) -> Figure:
+  """One mechanism per panel, side by side: softmax's attention and the implicit T x T maps of
+  linear / performer / Gated DeltaNet (what `record_weights` gives: the matrix their parallel
+  form multiplies the values by) on the same tokens.
+
+  Args:
+    weights: mechanism name -> its captured weights (`stack_layers` `[L, B, N, T, S]`, or any
+      form `attention_grid` takes).
+    tokens: the T labels (`token_labels`), or None.
+    layer: the layer drawn from each (default the last).
+    head: one head, or None for the mean over heads.
+    example: the batch row drawn from 5-D weights.
+    title: figure title.
+
+  Returns:
+    A Figure with one axes per mechanism. A map with negative entries (the delta rule's can
+    have them) is drawn on a diverging scale centred on zero, the others on [0, max].
+  """
+  panels = {}
+  for name, w in weights.items():
+    stacked, _ = _as_layers(w, example)
+    panels[name] = stacked[layer].mean(0) if head is None else stacked[layer, head]
+  t, s = next(iter(panels.values())).shape
+  width, height, fontsize = _panel_layout(1, len(panels), t, s)
+  fig = new_figure(width * len(panels) + 0.8, height + 0.9)
+  axes = fig.subplots(1, len(panels), squeeze=False)[0]
+  for i, (ax, (name, panel)) in enumerate(zip(axes, panels.items(), strict=True)):
+    top = max(float(np.abs(panel).max()), 1e-9)
+    signed = bool((panel < 0).any())
+    image = ax.imshow(panel, cmap="RdBu_r" if signed else "viridis",
+                      vmin=-top if signed else 0.0, vmax=top, interpolation="nearest",
+                      aspect="auto")
+    if signed:
+      fig.colorbar(image, ax=ax, shrink=0.6)
+    _set_ticks(ax, "y", tokens if i == 0 else None, t, fontsize)
+    _set_ticks(ax, "x", tokens if s == t else None, s, fontsize)
+    ax.set_title(f"{name}, " + ("mean of heads" if head is None else f"head {head}"),
+                 fontsize=9)
+  if title:
+    fig.suptitle(title)
+  return fig
+
+
 def patch_relevance(weights: np.ndarray, grid: tuple[int, int], *, cls_token: bool = True,
                     head_fusion: str = "mean") -> np.ndarray:
   """ViT rollout as a patch map `[B, grid_h, grid_w]` (each map sums to 1).
