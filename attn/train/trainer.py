@@ -48,20 +48,16 @@ class NonFiniteError(FloatingPointError):
 class _Preemption:
   """SIGTERM (a preempted TPU VM, a cluster's stop) sets a flag; the loop saves and exits."""
 
-  def __init__(self) -> None:
-    self.requested = False
-    self._previous = None
+  requested = False
+  _previous: Any = None
 
   def __enter__(self) -> _Preemption:
     try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      self._previous = signal.signal(signal.SIGTERM,
+                                     lambda *_: setattr(self, "requested", True))
     except ValueError:  # Not the main thread (a notebook worker): no handler, no preemption.
-      self._previous = None
+      pass
     return self
-
-  def _handle(self, signum: int, frame: Any) -> None:
-    del signum, frame
-    self.requested = True
 
   def __exit__(self, *exc: Any) -> None:
     if self._previous is not None:
