@@ -93,7 +93,9 @@ def measure_figure(cells, metric: str, variants: dict[str, str], ylabel: str, ti
   axes[0].bar(list(variants.values()), [m for m, _, _ in stats],
               yerr=[s or 0 for _, s, _ in stats], capsize=4, color=["tab:blue", "tab:orange"])
   axes[0].set_ylabel(ylabel)
-  axes[0].set_title(f"n = {', '.join(str(n) for _, _, n in stats)} seeds", fontsize=8)
+  axes[0].set_title("seeds: " + ", ".join(f"{label} {n}" for label, (_, _, n)
+                                          in zip(variants.values(), stats, strict=True)),
+                    fontsize=8)
   for ax, (name, label) in zip(axes[1:], variants.items(), strict=True):
     cell = cells.find(attention=name)
     if cell and cell.dirs:
