@@ -160,9 +160,14 @@ def test_attention_timing_batches_short_calls_and_reports_seconds_per_call(monke
 
 @pytest.fixture
 def bench_flags():
-  """The benchmarks' absl flags, parsed with their defaults and restored after the test."""
+  """The benchmarks' absl flags, parsed with their defaults and restored after the test.
+
+  The benchmark modules are imported first: flags defined inside `flagsaver` are removed when
+  it exits, and a module imported there (cached afterwards) would not define them again."""
   from absl import flags
   from absl.testing import flagsaver
+
+  from experiments.benchmarks import attention, decode  # noqa: F401  (defines their flags)
 
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
