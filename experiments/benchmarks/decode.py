@@ -3,8 +3,8 @@
   python -m experiments.benchmarks.decode --quick       # smoke run: C = 128, 512 (~3 min CPU)
   python -m experiments.benchmarks.decode               # C = 256 ... 16384 (`make bench-decode`)
   # GPU (JAX_PLATFORMS unset or cuda; writes results/decode_<device>.json and .png):
-  # (C = 1024, 16384 with 3 rounds of 32 steps took 91 s on one H200; this ~3 minutes)
-  python -m experiments.benchmarks.decode --contexts 1024,4096,16384 --decode_rounds 9 \
+  # (100 s on one H200: results/decode_nvidia_h200.json; each added context ~40 s)
+  python -m experiments.benchmarks.decode --contexts 1024,16384 --decode_rounds 5 \
       --decode_steps 64
 
 The mechanisms are the registry's causal decoders (`attn/layers/registry.py`: every entry with
