@@ -77,6 +77,18 @@ class Cells(list):
     cell = self.find(**where)
     return math.nan if cell is None else cell.mean(metric)
 
+  def text(self, metric: str, *, inf: bool = False, **where: Any) -> str:
+    """"mean ± std (n)" of the metric over seeds, for a check's detail ("-" when missing;
+    "diverged" with inf=True when every run of the variant failed)."""
+    cell = self.find(**where)
+    if cell is not None and inf and cell.runs and cell.failed == cell.runs:
+      return "diverged"
+    mean, std, n = (math.nan, None, 0) if cell is None else cell.stats.get(metric,
+                                                                            (math.nan, None, 0))
+    if not n:
+      return "-"
+    return (f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}") + f" (n={n})"
+
 
 def claim_files(claims_dir: str = CLAIMS_DIR) -> dict[str, str]:
   """name -> path of every claim file, in the order of their `ORDER` (then name)."""

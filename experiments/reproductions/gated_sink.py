@@ -60,7 +60,8 @@ def measure(run_dir: str) -> dict[str, float]:
 def check(cells) -> tuple[str, str]:
   soft = cells.mean("first_token_mass", attention="mha")
   gated = cells.mean("first_token_mass", attention="gated")
-  detail = f"first-token mass: softmax {soft:.3f}, gated {gated:.3f}"
+  detail = (f"first-token mass: softmax {cells.text('first_token_mass', attention='mha')}, "
+            f"gated {cells.text('first_token_mass', attention='gated')}")
   if math.isnan(soft) or math.isnan(gated):
     return "incomplete", detail
   return ("pass" if gated <= RATIO * soft else "fail"), detail

@@ -46,7 +46,8 @@ def get_sweep(arg: str | None = None) -> list[grid.Point]:
 def check(cells) -> tuple[str, str]:
   gdn = cells.mean("accuracy", attention="gated_deltanet")
   linear = cells.mean("accuracy", attention="linear")
-  detail = f"gated_deltanet {gdn:.3f}, linear {linear:.3f}"
+  detail = (f"gated_deltanet {cells.text('accuracy', attention='gated_deltanet')}, "
+            f"linear {cells.text('accuracy', attention='linear')}")
   if math.isnan(gdn) or math.isnan(linear):
     return "incomplete", detail
   return ("pass" if gdn >= linear + MARGIN else "fail"), detail

@@ -60,7 +60,8 @@ def check(cells) -> tuple[str, str]:
   diverged = batch is not None and batch.runs and batch.failed == batch.runs
   ln = cells.mean("loss", norm="layernorm")
   bn = math.inf if diverged else cells.mean("loss", norm="batchnorm")
-  detail = f"layernorm {ln:.3f}, batchnorm {bn:.3f}"
+  detail = (f"layernorm {cells.text('loss', norm='layernorm')}, "
+            f"batchnorm {cells.text('loss', inf=True, norm='batchnorm')}")
   if math.isnan(ln) or math.isnan(bn):
     return "incomplete", detail
   return ("pass" if bn >= ln + MIN_GAP else "fail"), detail

@@ -39,4 +39,5 @@ def check(cells) -> tuple[str, str]:
   acc = cells.mean("accuracy", attention="mha")
   if math.isnan(acc):
     return "incomplete", "no finished run"
-  return ("pass" if LOW <= acc <= HIGH else "fail"), f"accuracy {acc:.3f}"
+  return ("pass" if LOW <= acc <= HIGH else "fail"), (
+      f"accuracy {cells.text('accuracy', attention='mha')}")

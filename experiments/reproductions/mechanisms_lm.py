@@ -56,7 +56,8 @@ def get_sweep(arg: str | None = None) -> list[grid.Point]:
 
 def check(cells) -> tuple[str, str]:
   bpb = {name: cells.mean("bits_per_byte", attention=name) for name in ["mha", *CLOSE, *BEHIND]}
-  detail = ", ".join(f"{k} {v:.3f}" for k, v in sorted(bpb.items(), key=lambda kv: kv[1]))
+  detail = ", ".join(f"{k} {cells.text('bits_per_byte', attention=k)}"
+                     for k, _ in sorted(bpb.items(), key=lambda kv: kv[1]))
   if any(math.isnan(v) for v in bpb.values()):
     return "incomplete", detail
   ok = (all(bpb[k] <= bpb["mha"] + d for k, d in CLOSE.items())

@@ -58,7 +58,7 @@ def get_sweep(arg: str | None = None) -> list[grid.Point]:
 
 def check(cells) -> tuple[str, str]:
   acc = {a: cells.mean("accuracy", attention=a) for a in MECHANISMS}
-  detail = ", ".join(f"{a} {acc[a]:.3f}" for a in MECHANISMS)
+  detail = ", ".join(f"{a} {cells.text('accuracy', attention=a)}" for a in MECHANISMS)
   if any(math.isnan(v) for v in acc.values()):
     return "incomplete", detail
   ok = (acc["mha"] >= 0.95 and acc["linear"] <= acc["mha"] - 0.15

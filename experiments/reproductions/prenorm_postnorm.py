@@ -62,8 +62,9 @@ def _loss(cells, **where) -> float:
 def check(cells) -> tuple[str, str]:
   loss = {(w, p): _loss(cells, warmup=w, place=p) for w in (False, True) for p in ("pre", "post")}
   cold, warm = loss[False, "post"] - loss[False, "pre"], loss[True, "post"] - loss[True, "pre"]
-  detail = (f"no warmup: pre {loss[False, 'pre']:.3f}, post {loss[False, 'post']:.3f}; "
-            f"warmup: pre {loss[True, 'pre']:.3f}, post {loss[True, 'post']:.3f}")
+  text = {(w, p): cells.text("loss", inf=True, warmup=w, place=p) for w, p in loss}
+  detail = (f"no warmup: pre {text[False, 'pre']}, post {text[False, 'post']}; "
+            f"warmup: pre {text[True, 'pre']}, post {text[True, 'post']}")
   if any(math.isnan(v) for v in loss.values()):
     return "incomplete", detail
   ok = cold >= MIN_GAP and abs(warm) < cold / 2
