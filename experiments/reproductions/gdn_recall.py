@@ -17,6 +17,14 @@ Budget:   the mqar_recall claim's setting (experiments/reproductions/mqar_recall
           length 32 with 4 pairs, width 64, 2 layers, 1 head, 600 steps, lr 1e-2), the two
           mechanisms only, with their default options (gated_deltanet: chunk 64, conv 4,
           output gate, learned decay; linear: elu + 1 feature map).
+Found:    (2026-12-04, seed 0, shared 2-core CPU) fails: recall accuracy gated_deltanet
+          0.117, linear 0.195 (softmax 0.984 in mqar_recall). Gated DeltaNet fits the 512
+          training problems (train loss 0.09 at step 300) while its eval loss rises (6.6 at step
+          200, 7.3 at the end): it memorizes instead of learning the lookup, as the flax-style
+          softmax model did on this task (README, MQAR defaults). mqar/tiny's 512 problems are
+          too few to test a recurrent model's recall; on l64 (8,192 problems) nothing learned
+          within the CPU budget. The linear run is mqar_recall's (the same config and seed,
+          copied into this claim's directory rather than recomputed; wall time counts GDN only).
 Command:  python -m experiments.reproduce --only gdn_recall [--seeds 3]
 Hardware: a 2-core CPU: 2 runs per seed (measured times in the README's table).
 """

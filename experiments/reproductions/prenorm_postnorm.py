@@ -21,8 +21,10 @@ Found:    (2026-12-04, first budget) does not reproduce at 2 layers (size `tiny`
           1 seed on a loaded machine): eval loss without warmup Pre-LN 2.450, Post-LN 2.469
           (gap 0.02 < 0.10); with warmup 2.467 / 2.441. A 2-layer Post-LN stack trains fine even
           at lr 1e-2: the gradient-at-initialization argument of Xiong et al. (the last layers'
-          gradients grow with depth) needs depth. The budget above (4 layers) is the rerun; its
-          result is in docs/reproductions/results.md.
+          gradients grow with depth) needs depth. At the budget above (4 layers, lr 3e-3;
+          seed 0, shared 2-core CPU) it reproduces: without warmup Pre-LN 2.393, Post-LN 3.131
+          (gap 0.74 >= 0.10); with warmup 2.316 / 2.350 (gap 0.03 < 0.37). One seed: the
+          session's CPU time went to the other claims (a seed is ~15-20 min here).
 Command:  python -m experiments.reproduce --only prenorm_postnorm [--seeds 3]
 Hardware: a 2-core CPU: 4 runs per seed, ~1-2 min each on an idle machine (measured numbers in
           the README's table).
