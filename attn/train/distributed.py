@@ -93,6 +93,8 @@ def maybe_initialize(heartbeat_timeout_s: int = 100) -> bool:
       local_device_ids=_local_device_ids(),
       heartbeat_timeout_seconds=heartbeat_timeout_s,
     )
+    if jax.process_count() > 1 and jax.devices()[0].platform == "cpu":
+      connect_cpu_collectives()
     return True
   env = detected_cluster()
   if env is None or env.get_process_count() <= 1:
@@ -100,6 +102,33 @@ def maybe_initialize(heartbeat_timeout_s: int = 100) -> bool:
   jax.distributed.initialize(local_device_ids=_local_device_ids(),
                              heartbeat_timeout_seconds=heartbeat_timeout_s)
   return True
+
+
+def connect_cpu_collectives(timeout_s: int = 600) -> None:
+  """Connects the CPU processes' collectives (gloo) over all devices now, while they are in step.
+
+  gloo connects the processes of a device set at the first collective over it and gives up
+  after 30 s (XLA's key-value deadline, which JAX does not expose): a process that reached the
+  first training step 30 s after another (its compile or data slower on a loaded machine, or
+  stopped) failed the run with "Gloo context initialization failed: ... GetKeyValue() timed
+  out". Once connected, a collective waits for a late process as long as the coordination
+  heartbeat allows, and a later program over the same devices (the train step on the default
+  mesh over all of them) reuses the connection. So: meet at a coordination barrier (no 30 s
+  limit), then run one tiny collective over all devices.
+  """
+  import jax.numpy as jnp
+  import numpy as np
+  from jax._src import distributed as jax_distributed  # The client has no public accessor.
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  jax_distributed.global_state.client.wait_at_barrier("attn/cpu_collectives", timeout_s * 1000)
+  mesh = jax.make_mesh((jax.device_count(),), ("all",))
+  ones = jax.make_array_from_process_local_data(
+    NamedSharding(mesh, PartitionSpec("all")), np.ones(jax.local_device_count(), np.int32))
+  total = jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, PartitionSpec()))(ones)
+  if int(total) != jax.device_count():
+    raise RuntimeError(f"The CPU collectives sum {int(total)} ones over {jax.device_count()} "
+                       "devices.")
 
 
 def _local_device_ids() -> list[int] | None:

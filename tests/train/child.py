@@ -8,7 +8,8 @@ sleep, holding the workdir's lock, until killed); kill_during_save (SIGKILL righ
 save of step K has started, before Orbax finalizes it); sigterm (SIGTERM to itself after step
 K); nan (the loss becomes NaN from step K on; unused by the tests, which poison the data
 instead); sigterm_in_eval (SIGTERM after the first batch of the K-th evaluation); load
-(load_params of the workdir's checkpoint onto one device, print its hash). Several processes
+(load_params of the workdir's checkpoint onto one device, print its hash); late_first_step
+(process 1 starts compiling its first step K s after the others). Several processes
 (the multi-host tests) are started with JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
 JAX_PROCESS_ID.
 """
@@ -19,6 +20,7 @@ import os
 import signal
 import time
 
+import jax
 import jax.numpy as jnp
 from jax import config as jax_config
 
@@ -47,8 +49,6 @@ def main() -> None:
   overrides = json.loads(args.overrides)
   if args.mode == "load":
     params = checkpoint.load_params(args.workdir)
-    import jax
-
     from attn.train.metrics import params_sha256
 
     print("LOADED", json.dumps({"sha": params_sha256(params), "devices": jax.device_count(),
@@ -103,6 +103,15 @@ def main() -> None:
       return new_state, metrics
 
     steps.train_step = nan_step
+  elif args.mode == "late_first_step":
+    real_train_step = steps.train_step
+
+    def late_step(state, batch, **kwargs):  # Runs when jit traces it: before the first step.
+      if jax.process_index() == 1:
+        time.sleep(args.at)  # This process compiles its first step K s after the others.
+      return real_train_step(state, batch, **kwargs)
+
+    steps.train_step = late_step
   make_data = None
   if args.mode == "sigterm_in_eval":
     from attn import data
