@@ -214,7 +214,8 @@ class _RecordLock(WorkdirLock):
         self.lost = self._renew()
       except Exception as e:  # noqa: BLE001 (storage unreachable: retried at the next beat)
         silent = time.monotonic() - self._renewed
-        if silent > self.stale_after_s:  # Others may see a stale lock by now and take it.
+        # Stop before others may see a stale lock and take it (two beats of margin).
+        if silent > self.stale_after_s - 2 * self.heartbeat_s:
           self.lost = (f"its heartbeat could not be written for {silent:.0f} s "
                        f"({type(e).__name__}: {e})")
       else:

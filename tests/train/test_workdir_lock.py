@@ -155,3 +155,23 @@ def test_gcs_lease_racers_exactly_one_wins(gcs, stale):
   for lease in leases:
     lease.release()
   assert not storage.exists(storage.join(url, "lock.json"))
+
+
+def test_gcs_lease_that_cannot_be_renewed_stops_the_run_before_it_may_be_taken_over(
+    gcs, monkeypatch):
+  url = gcs.url("run")
+  lease = workdir_lock.GcsLease(url, heartbeat_s=0.05, stale_after_s=3.0)
+  lease.acquire()
+
+  def unreachable(*args, **kwargs):
+    raise OSError("bucket unreachable")
+
+  monkeypatch.setattr(storage, "write_if_generation", unreachable)
+  time.sleep(0.5)
+  lease.check()  # A few failed beats: not yet.
+  time.sleep(3.0)  # > stale_after_s - 2 heartbeats without a renewal.
+  with pytest.raises(workdir_lock.LockLostError,
+                     match=r"heartbeat could not be written for \d s \(OSError: bucket"):
+    lease.check()
+  lease.release()
+  assert _lease_record(url)[0]["token"] == lease.token  # Not ours to delete any more: left.
