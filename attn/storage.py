@@ -135,25 +135,6 @@ def append_text(path: PathLike, text: str) -> None:
   write_text_atomic(path, old + text)
 
 
-def create_exclusive(path: PathLike, data: bytes) -> bool:
-  """Creates `path` with `data` unless it exists; False if it did (nothing written then).
-
-  Of several processes racing to create the same path exactly one gets True, on a local disk
-  (O_CREAT | O_EXCL) and on GCS (a generation precondition, ifGenerationMatch=0): the building
-  block of a lock or lease object. Locally a reader may see the file empty until `data` is in.
-  """
-  if is_url(path):
-    return write_if_generation(path, data, 0) is not None
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  try:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-  except FileExistsError:
-    return False
-  with os.fdopen(fd, "wb") as f:
-    f.write(data)
-  return True
-
-
 # -- objects with generations (gs:// only): what a lease needs ----------------------------------
 # GCS gives every write of an object a new generation number, and a write or delete may be made
 # conditional on the generation it replaces (ifGenerationMatch; 0 = "only if absent"). gcsfs

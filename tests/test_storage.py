@@ -29,13 +29,6 @@ def test_local_files_round_trip(tmp_path):
   assert not storage.exists(path)
 
 
-def test_create_exclusive_lets_one_creator_win(tmp_path):
-  path = str(tmp_path / "locks" / "run.lock")
-  assert storage.create_exclusive(path, b"first")
-  assert not storage.create_exclusive(path, b"second")
-  assert storage.read_bytes(path) == b"first"
-
-
 @pytest.fixture
 def no_gcsfs(monkeypatch):
   monkeypatch.setattr(storage, "_installed", lambda module: False)
