@@ -9,8 +9,13 @@ Band:     test accuracy in [0.30, 0.60] at length 512 (the majority class is ~0.
 Budget:   experiments/classify.py:data=listops (listops/small, length 512), size small (4
           layers, d_model 128), 1,000 steps of 32 rows, AdamW lr 1e-3. LRA trains 5k steps at
           length 2K.
+Found:    not run yet (2026-12-04): the session's CPU time went to the other claims. The
+          hardware line below was ~15 min before anything of this size ran here; the small
+          LM's measured throughput on this CPU (4 layers, d_model 128: ~5k tokens/s at length
+          128) puts one run at about an hour (32 x 512 = 16k tokens a step, every row padded to
+          512 although the mean expression is ~56 tokens): an estimate, not a measurement.
 Command:  python -m experiments.reproduce --only listops [--seeds 3]
-Hardware: a 2-core CPU: one run of ~15 min unloaded (estimate).
+Hardware: a 2-core CPU: one run of ~1 hour (estimate, above); minutes on a GPU.
 """
 
 import math
