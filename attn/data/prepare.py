@@ -153,11 +153,11 @@ def tensorflow_commands(full: str, data_dir: str) -> str:
   )
 
 
-def prepare(name: str, data_dir: str, echo=print) -> str:
+def prepare(name: str, data_dir: str, echo=print, field: str = "--data_dir") -> str:
   """Makes `name` readable from `data_dir`; returns what was done (raises DataError if it
-  cannot be done here)."""
+  cannot be done here). `field` names data_dir in error messages."""
   base, spec, full = registry.parse_name(name)
-  builder = registry.get_builder(name, data_dir)  # Generates embedded datasets.
+  builder = registry.get_builder(name, data_dir, field=field)  # Generates embedded datasets.
   if spec.embedded:
     return f"{full} is prepared in {builder.data_dir} ({ARRAY_RECORD})."
   if not builder.is_prepared():

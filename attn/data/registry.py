@@ -154,20 +154,37 @@ def file_lock(data_dir: str, key: str) -> contextlib.AbstractContextManager[None
   return _file_lock(os.path.join(default_local_cache(), ".locks", digest, name))
 
 
-def get_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
-  """The TFDS builder for `name`; embedded ones are prepared here on first use."""
+def _check_config(base: str, full: str) -> None:
+  """An unknown builder config is a DataError listing the known ones (TFDS's own error is a
+  traceback ending in a list of merely similar names)."""
+  config = full.partition("/")[2]
+  try:
+    names = [c.name for c in tfds.builder_cls(base).BUILDER_CONFIGS]
+  except Exception:  # Not registered here: tfds.builder gives its own message.
+    return
+  if config and config not in names:
+    known = f"its configs are {', '.join(names)}" if names else "it has no configs"
+    raise DataError(f"Dataset {base!r} has no config {config!r}: {known}.")
+
+
+def get_builder(name: str, data_dir: str | None = None,
+                field: str = "config.data.data_dir") -> tfds.core.DatasetBuilder:
+  """The TFDS builder for `name`; embedded ones are prepared here on first use. `field` names
+  where data_dir came from (the config field, or a flag) in error messages."""
   base, spec, full = parse_name(name)
   data_dir = data_dir or default_data_dir()
   # Before TFDS touches the path: a gs:// data_dir without gcsfs is a DataError naming the
   # extra, not fsspec's ImportError from deep inside TFDS.
-  message = storage.url_support_error(data_dir, "config.data.data_dir")
+  message = storage.url_support_error(data_dir, field)
   if message:
     raise DataError(message)
   if not spec.embedded:
     if spec.module:
       importlib.import_module(spec.module)
+    _check_config(base, full)
     return tfds.builder(full, data_dir=data_dir)
   _import_builder(base)
+  _check_config(base, full)
   builder = tfds.builder(full, data_dir=data_dir, file_format="array_record")
   if not builder.is_prepared():
     # TFDS writes into a temporary folder and renames it when done; the lock stops a second

@@ -99,6 +99,23 @@ def test_nothing_prepared_prints_the_tensorflow_commands(tmp_path, capsys):
   assert f"tfds build lm1b --data_dir={tmp_path} --file_format=array_record" in err
 
 
+def test_an_unknown_config_is_one_line_naming_the_known_ones(tmp_path, capsys):
+  assert prepare.main(["pystdlib/nosuch", "--data_dir", str(tmp_path)]) == 1
+  assert capsys.readouterr().err == (
+    "Data error: Dataset 'pystdlib' has no config 'nosuch': its configs are tiny, small, full.\n")
+  assert prepare.main(["lm1b/nosuch", "--data_dir", str(tmp_path)]) == 1
+  assert "Dataset 'lm1b' has no config 'nosuch': it has no configs." in capsys.readouterr().err
+  assert os.listdir(tmp_path) == []  # Refused before anything was generated.
+
+
+def test_a_bucket_without_gcsfs_names_the_flag(monkeypatch, capsys):
+  monkeypatch.setattr(storage, "_installed", lambda module: False)
+  assert prepare.main([NAME, "--data_dir", "gs://b/tfds"]) == 1
+  err = capsys.readouterr().err
+  assert err.startswith("Data error: --data_dir='gs://b/tfds' needs the gcsfs package")
+  assert "config.data" not in err
+
+
 def test_prepare_converts_in_a_bucket(tfrecord_dir, gcs):
   local, records = tfrecord_dir
   url = gcs.url("tfds")
