@@ -13,7 +13,7 @@ UV_VERSION := 0.13.9
 # Parallel test workers; 2 matches the CI machine. Override: make test JOBS=8.
 JOBS ?= 2
 
-.PHONY: train test test-all test-minimums bench bench-train bench-decode reproduce lint lock clean
+.PHONY: venv train test test-all test-minimums bench bench-train bench-decode reproduce lint lock clean
 
 # Exact versions from the lock, then the package itself without resolving anything again.
 $(STAMP): pyproject.toml requirements/$(LOCK).txt
@@ -23,6 +23,9 @@ $(STAMP): pyproject.toml requirements/$(LOCK).txt
 	$(PY) -m pip install --quiet --no-deps -e .
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
+
+# Only the environment, e.g. `make venv LOCK=cuda` in a GPU cluster's shared checkout.
+venv: $(STAMP)
 
 train: $(STAMP)
 	$(PY) -m experiments.main --config experiments/default.py --workdir runs/default

@@ -10,7 +10,9 @@ Every process runs the same `python -m experiments.main ...`; `attn.train.distri
 - under SLURM, `sbatch` asks for one task per GPU (`--ntasks-per-node` = `--gpus-per-node`,
   every task seeing all of its node's GPUs): a 2 x 8 job is 16 processes of one GPU each, and
   JAX reads the job's SLURM_* variables by itself (task SLURM_LOCALID drives GPU SLURM_LOCALID).
-  `sbatch` writes `<workdir>/job.sbatch` and submits it;
+  `sbatch` writes `<job_dir>/job.sbatch` and submits it (SLURM writes `slurm-<job>.out` there);
+  the job directory is the workdir, or for a gs:// workdir `<checkout>/slurm/<run>`: SLURM
+  opens only files on the cluster's filesystems;
 - any other launcher sets JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES
   and JAX_PROCESS_ID in each process's environment. `local` does that on one machine (CPU
   processes exchange arrays with gloo): the multi-host code path without a cluster. The same
@@ -22,7 +24,8 @@ Every process runs the same `python -m experiments.main ...`; `attn.train.distri
           JAX_PROCESS_ID=\\$SLURM_PROCID exec .venv/bin/python -m experiments.main \\
           --config experiments/lm.py:size=base --workdir /shared/runs/lm"
 
-The workdir must be on a filesystem every node sees. The script asks SLURM for SIGTERM five
+The checkout (and its .venv, or the interpreter `--python` names) must be on a filesystem every
+node sees, and so must the workdir, unless it is gs://. The script asks SLURM for SIGTERM five
 minutes before the time limit (the trainer checkpoints and exits) and is requeued after a
 preemption; submitting the same script again resumes from the workdir.
 """
@@ -37,9 +40,21 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
+from attn import storage
 from launch import sweep
 
 ENV_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+
+
+def job_dir(args: argparse.Namespace) -> str:
+  """Where the job script, SLURM's output and local processes' logs go: --job_dir, else the
+  workdir, else (a gs:// workdir, which neither SLURM nor a shell redirect can open)
+  <checkout>/slurm/<the workdir's last component>."""
+  if args.job_dir:
+    return args.job_dir
+  if not storage.is_url(args.workdir):
+    return args.workdir
+  return os.path.join(sweep.REPO, "slurm", args.workdir.rstrip("/").rsplit("/", 1)[-1])
 
 
 def main_argv(args: argparse.Namespace, python: str, quiet: Sequence[str] = ()) -> list[str]:
@@ -65,7 +80,7 @@ def sbatch_script(args: argparse.Namespace) -> str:
            f"#SBATCH --gpus-per-node={args.gpus_per_node}",
            f"#SBATCH --cpus-per-task={args.cpus_per_task}",
            f"#SBATCH --time={args.time}",
-           f"#SBATCH --output={os.path.join(args.workdir, 'slurm-%j.out')}",
+           f"#SBATCH --output={os.path.join(job_dir(args), 'slurm-%j.out')}",
            "#SBATCH --open-mode=append",
            "#SBATCH --requeue",
            "#SBATCH --signal=TERM@300"]
@@ -86,7 +101,7 @@ def sbatch_script(args: argparse.Namespace) -> str:
 
 def sbatch_commands(args: argparse.Namespace) -> tuple[str, str, list[str]]:
   """(script path, script text, the sbatch command)."""
-  path = os.path.join(args.workdir, "job.sbatch")
+  path = os.path.join(job_dir(args), "job.sbatch")
   return path, sbatch_script(args), ["sbatch", path]
 
 
@@ -115,12 +130,13 @@ def free_port() -> int:
 def run_local(args: argparse.Namespace, port: int) -> int:
   """Starts every process, streams process 0, and stops the rest as soon as one fails (a
   survivor would otherwise wait for its dead peer until the heartbeat timeout)."""
-  os.makedirs(args.workdir, exist_ok=True)
+  logs = job_dir(args)
+  os.makedirs(logs, exist_ok=True)
   procs = []
   for env, argv in local_processes(args, port):
     pid = int(env["JAX_PROCESS_ID"])
     out = None if pid == 0 else open(  # noqa: SIM115 (closed below)
-      os.path.join(args.workdir, f"process_{pid}.log"), "a")
+      os.path.join(logs, f"process_{pid}.log"), "a")
     procs.append((subprocess.Popen(argv, cwd=sweep.REPO, env={**os.environ, **env}, stdout=out,
                                    stderr=subprocess.STDOUT if out else None), out))
   status = 0
@@ -151,7 +167,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   parser = argparse.ArgumentParser(prog="python -m launch.gpu", description=__doc__.split("\n")[0])
   parser.add_argument("command", choices=("sbatch", "local"))
   parser.add_argument("--config", required=True, help="experiment file[:arg]")
-  parser.add_argument("--workdir", required=True, help="shared by all processes")
+  parser.add_argument("--workdir", required=True, help="shared by all processes (or gs://)")
+  parser.add_argument("--job_dir", default=None,
+                      help="job script, SLURM output, process logs (default: the workdir; for a "
+                      "gs:// workdir, <checkout>/slurm/<run>)")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="a --config.KEY=VALUE override")
   parser.add_argument("--dry_run", action="store_true", help="print, do not submit or start")
@@ -163,7 +182,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   slurm.add_argument("--partition", default=None)
   slurm.add_argument("--account", default=None)
   slurm.add_argument("--job_name", default="attn")
-  slurm.add_argument("--python", default=".venv/bin/python", help="the nodes' interpreter")
+  slurm.add_argument("--python", default=".venv/bin/python",
+                     help="the nodes' interpreter, relative to the checkout or absolute "
+                     "(default: the checkout's .venv, as `make venv LOCK=cuda` makes it)")
   local = parser.add_argument_group("local")
   local.add_argument("--processes", type=int, default=2)
   local.add_argument("--devices_per_process", type=int, default=0,
@@ -181,7 +202,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dry_run:
       print(f"# {path}\n{script}\n{shlex.join(cmd)}")
       return 0
-    os.makedirs(args.workdir, exist_ok=True)
+    python = args.python if "/" not in args.python else os.path.join(sweep.REPO, args.python)
+    if "/" in args.python and not os.access(python, os.X_OK):
+      print(f"--python: {python} does not exist (the job would fail on the nodes). Make it "
+            "with `make venv LOCK=cuda` in the checkout, or pass --python (e.g. python3 for "
+            "an environment that `pip install -e \".[cuda]\"` installed into).", file=sys.stderr)
+      return 2
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
       f.write(script)
     return subprocess.run(cmd).returncode

@@ -1,5 +1,6 @@
 """launch.tpu_vm and launch.gpu: the exact commands that --dry_run prints (no gcloud needed)."""
 
+import os
 import shlex
 import subprocess
 import sys
@@ -230,6 +231,40 @@ def test_sbatch_script_and_command(capsys):
   assert script[-1] == ("srun --kill-on-bad-exit=1 .venv/bin/python -m experiments.main "
                         "--config experiments/lm.py:size=base --workdir /shared/runs/lm "
                         "--config.train.progress_bar=False --config.train.batch_size=512")
+
+
+def test_sbatch_with_a_bucket_workdir_keeps_slurm_files_on_the_cluster(capsys):
+  """SLURM opens neither a gs:// script nor a gs:// --output: they go to <checkout>/slurm/<run>
+  (or --job_dir), and only the training workdir is the bucket."""
+  argv = ["sbatch", "--config", "experiments/lm.py", "--workdir", "gs://B/runs/lm/"]
+  lines = [line for line in _dry(gpu.main, argv, capsys) if line]
+  job = os.path.join(sweep.REPO, "slurm", "lm")
+  assert lines[0] == f"# {job}/job.sbatch"
+  assert lines[-1] == f"sbatch {job}/job.sbatch"
+  assert f"#SBATCH --output={job}/slurm-%j.out" in lines
+  assert lines[-2].endswith("--workdir gs://B/runs/lm/ --config.train.progress_bar=False")
+  assert not any("gs://" in line for line in lines[:-2])
+  lines = _dry(gpu.main, [*argv, "--job_dir", "/shared/jobs/lm"], capsys)
+  assert (lines[0], lines[-1]) == ("# /shared/jobs/lm/job.sbatch",
+                                   "sbatch /shared/jobs/lm/job.sbatch")
+  assert "#SBATCH --output=/shared/jobs/lm/slurm-%j.out" in lines
+
+
+def test_sbatch_refuses_a_missing_interpreter(tmp_path, monkeypatch, capsys):
+  """Without the checkout's .venv the job would fail on every node after waiting in the queue:
+  refused before anything is written, naming `make venv LOCK=cuda` and --python."""
+  calls = []
+  monkeypatch.setattr(gpu.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or
+                      subprocess.CompletedProcess(cmd, 0))
+  base = ["sbatch", "--config", "experiments/lm.py", "--workdir", str(tmp_path / "w")]
+  assert gpu.main([*base, "--python", "no/such/python"]) == 2
+  err = capsys.readouterr().err
+  assert f"--python: {sweep.REPO}/no/such/python does not exist" in err
+  assert "make venv LOCK=cuda" in err and calls == [] and not (tmp_path / "w").exists()
+  assert gpu.main([*base, "--python", sys.executable]) == 0
+  assert calls == [["sbatch", str(tmp_path / "w" / "job.sbatch")]]
+  assert shlex.split((tmp_path / "w" / "job.sbatch").read_text().splitlines()[-1])[2] == (
+    sys.executable)
 
 
 def test_local_processes_get_the_coordinator_variables(capsys):
