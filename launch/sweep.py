@@ -516,6 +516,19 @@ def main(argv: Sequence[str] | None = None) -> int:
   from attn.train import config_identity
 
   refused = {name: c for name, c in changes.items() if config_identity.split(c)[0]}
+  # A finished run has no step left to continue with a changed trajectory, allowed or not.
+  finished = []
+  for run in runs:
+    run_dir = run.workdir(args.workdir)
+    num_steps = resolved_config(module, arg, run, args.set).train.num_steps
+    step = config_identity.finished_step(run_dir, num_steps) if run.name in refused else None
+    if step is not None:
+      finished.append(str(config_identity.finished_error(
+        run_dir, step, config_identity.split(refused.pop(run.name))[0])))
+  if finished and not args.dry_run:
+    print("\n".join([*finished, f"{len(finished)} finished run(s) with another config; "
+                      "nothing was started."]), file=sys.stderr)
+    return 2
   if refused and not args.dry_run and not args.allow_config_change:
     lines = [f"{len(refused)} run(s) already trained with another config; nothing was started:"]
     for name, c in refused.items():

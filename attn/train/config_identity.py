@@ -9,6 +9,9 @@ Fields are of two kinds. Trajectory fields (model, data, optimizer, seed, the sc
 what the run computes: a change is refused with a diff and the two ways out (another workdir,
 or `--allow_config_change`, recorded with the step it took effect). Operational fields (eval,
 log and checkpoint intervals, the progress bar, sampling, the mesh) are allowed and recorded.
+A finished run (summary.json at or past `train.num_steps`) has no step left to continue, so a
+trajectory change there is refused even with `--allow_config_change` (`finished_error`): the
+way on is to raise num_steps too, or another workdir.
 
 `train.num_steps` only says where to stop, but `optim.decay_steps` defaults to it, so the stored
 config resolves decay_steps: raising num_steps with decay_steps unset stretches the schedule (a
@@ -163,6 +166,20 @@ class Identity:
   changes: dict[str, tuple[Any, Any]]
   kind: str  # "" (unchanged) | "operational" | "allowed"
 
+  def describe(self, step: int) -> str:
+    """One line naming the recorded change and the step it takes effect; "" without one."""
+    if self.first or not self.changes:
+      return ""
+    how = " (--allow_config_change)" if self.kind == "allowed" else ""
+    return (f"config change from step {step} on, {self.kind}{how}: "
+            + ", ".join(f"{k} {json.dumps(a)} -> {json.dumps(b)}"
+                        for k, (a, b) in self.changes.items()))
+
+  def refuse_if_finished(self, step: int) -> None:
+    """A finished run has no step left to apply an allowed trajectory change to."""
+    if self.kind == "allowed":
+      raise finished_error(self.workdir, step, split(self.changes)[0])
+
   def commit(self, step: int) -> None:
     """Writes config.json (process 0): the first launch's config, or the change at `step`."""
     import jax
@@ -181,6 +198,25 @@ class Identity:
     storage.write_text_atomic(path, json.dumps(record, indent=2))
 
 
+def finished_step(workdir: str, num_steps: int) -> int | None:
+  """The step the workdir's run finished at (its summary.json) if it reaches `num_steps`."""
+  summary = _read_json(storage.join(workdir, "summary.json")) or {}
+  step = summary.get("step")
+  return step if isinstance(step, int) and step >= num_steps else None
+
+
+def finished_error(workdir: str, step: int,
+                   trajectory: dict[str, tuple[Any, Any]]) -> ConfigChangeError:
+  """A trajectory change on a finished run: nothing is left to continue, so not applied."""
+  return ConfigChangeError(
+    f"{workdir}: the run finished at step {step} with another config, so there is no step "
+    f"left to continue with the change of\n{_lines(trajectory)}\n"
+    "The change was not applied (--allow_config_change continues a run from its newest "
+    "checkpoint). To go on training this run with the new values, also raise "
+    f"train.num_steps above {step}; to train the new config from the start, use another "
+    "--workdir.")
+
+
 def check(workdir: str, config: Any, *, allow_change: bool = False) -> Identity:
   """Compares `config` with the workdir's; raises ConfigChangeError on a trajectory change."""
   current = as_json(config)
@@ -190,6 +226,9 @@ def check(workdir: str, config: Any, *, allow_change: bool = False) -> Identity:
     return Identity(workdir, current, first=True, changes={}, kind="")
   changes = diff(old, current)
   trajectory, _ = split(changes)
+  finished = finished_step(workdir, current["train"]["num_steps"]) if trajectory else None
+  if finished is not None:
+    raise finished_error(workdir, finished, trajectory)
   if trajectory and not allow_change:
     raise ConfigChangeError(
       f"{storage.join(workdir, CONFIG_FILE)} holds the config this run trained with up to step "

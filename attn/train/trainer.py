@@ -157,6 +157,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     latest = recovery.latest_usable(ckpt, abstract)
     summary = metrics_lib.read_summary(workdir) if latest is not None else None
     if latest is not None and latest >= t.num_steps and summary is not None:
+      identity.refuse_if_finished(summary["step"])
       if is_main:
         print(f"{workdir}: finished at step {summary['step']}; nothing to do.", flush=True)
       return {"step": summary["step"], **summary["metrics"]}
@@ -182,6 +183,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     writer.message(f"{workdir}: {'new run' if latest is None else f'resuming at step {step}'}"
                    f"; {num_params:,} parameters; mesh {dict(mesh.shape)}; "
                    f"{jax.device_count()} devices, {jax.process_count()} process(es).")
+    if identity.describe(step):
+      writer.message(identity.describe(step))
     meter = metrics_lib.ThroughputMeter(t.batch_size * task.tokens_per_row())
     pending: list[tuple[int, dict[str, jax.Array]]] = []  # Step metrics not fetched yet.
     last_train: dict[str, float] = {}

@@ -138,6 +138,14 @@ def test_damaged_summary_is_recomputed_and_reported_not_a_crash(straight, data_d
   assert report.collect(str(tmp_path / "sweep"))[0].status == "done"
 
 
+def _main(workdir: str, data_dir: str, *flags: str) -> subprocess.CompletedProcess:
+  """`python -m experiments.main --config experiments/default.py:runlocal` on workdir."""
+  argv = [sys.executable, "-m", "experiments.main", "--config", "experiments/default.py:runlocal",
+          "--workdir", workdir, f"--config.data.data_dir={data_dir}", *flags]
+  return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120,
+                        env={**os.environ, "PYTHONPATH": REPO})
+
+
 # -- one writer ---------------------------------------------------------------------------------
 def test_second_launch_exits_at_once_naming_the_holder(straight, data_dir, tmp_path):
   workdir = str(tmp_path / "run")
@@ -146,12 +154,8 @@ def test_second_launch_exits_at_once_naming_the_holder(straight, data_dir, tmp_p
   before = _files(workdir)
   holder = lock_holder(workdir)
   try:
-    argv = [sys.executable, "-m", "experiments.main", "--config",
-            "experiments/default.py:runlocal", "--workdir", workdir,
-            f"--config.data.data_dir={data_dir}"]
     start = time.monotonic()
-    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": REPO})
+    proc = _main(workdir, data_dir)
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert f"{workdir} is in use by pid {holder.pid} on host" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -211,7 +215,33 @@ def test_changed_optimizer_is_a_clear_refusal_not_a_tree_dump(straight, data_dir
   assert _files(workdir) == before
 
 
-def test_raising_num_steps_on_a_finished_run(straight, data_dir, tmp_path):
+def test_allowed_change_on_a_finished_run_is_refused_not_dropped(straight, data_dir, tmp_path):
+  """A finished run has no step left to apply a trajectory change to: exit 1, saying so."""
+  from experiments import default
+
+  workdir = str(tmp_path / "run")
+  shutil.copytree(straight["workdir"], workdir)
+  config = default.get_config("runlocal")  # As if experiments.main had trained it to the end.
+  config.data.data_dir = data_dir
+  end = config.train.num_steps
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump({"config": config_identity.as_json(config)}, f)
+  summary = {**_summary(workdir), "step": end}
+  with open(os.path.join(workdir, "summary.json"), "w") as f:
+    json.dump(summary, f)
+  before = _files(workdir)
+  proc = _main(workdir, data_dir, "--config.optim.learning_rate=5e-4", "--allow_config_change")
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  lr = json.dumps(config.optim.learning_rate)
+  assert f"the run finished at step {end} with another config" in proc.stderr
+  assert f"optim.learning_rate: {lr} -> 0.0005" in proc.stderr
+  assert "The change was not applied" in proc.stderr
+  assert f"raise train.num_steps above {end}" in proc.stderr and "another --workdir" in proc.stderr
+  assert "nothing to do" not in proc.stdout and "Traceback" not in proc.stderr
+  assert _files(workdir) == before  # Nothing recorded: config.json as it was.
+
+
+def test_raising_num_steps_on_a_finished_run(straight, data_dir, tmp_path, capfd):
   workdir = str(tmp_path / "run")
   shutil.copytree(straight["workdir"], workdir)
   longer = tiny_config(data_dir, **{"train.num_steps": 8})
@@ -225,6 +255,8 @@ def test_raising_num_steps_on_a_finished_run(straight, data_dir, tmp_path):
   kept = tiny_config(data_dir, **{"train.num_steps": 8, "optim.decay_steps": 6})
   result = train.train_and_evaluate(kept, workdir)  # Same schedule, two more steps: allowed.
   assert result["step"] == 8
+  assert ("config change from step 6 on, operational: train.num_steps 6 -> 8"
+          in capfd.readouterr().err)
   (change,) = config_identity.history(workdir)
   assert change == {**change, "step": 6, "kind": "operational",
                     "changes": {"train.num_steps": [6, 8]}}
@@ -252,7 +284,17 @@ def test_sweep_checks_set_filter_and_changed_configs_before_starting(straight, t
   argv = ["--config", spec, "--workdir", root, "--filter", "norm=layernorm"]
   assert sweep.main([*argv, "--set", "optim.learning_rate=0.5"]) == 2
   err = capsys.readouterr().err
-  assert "optim.learning_rate 0.003 -> 0.5" in err and "nothing was started" in err
+  assert f"{run_dir}: the run finished at step 6 with another config" in err
+  assert "optim.learning_rate: 0.003 -> 0.5" in err and "nothing was started" in err
+  assert sweep.main([*argv, "--set", "optim.learning_rate=0.5", "--allow_config_change"]) == 2
+  err = capsys.readouterr().err  # Not reported as done with the new config: refused.
+  assert "The change was not applied" in err and "raise train.num_steps above 6" in err
+  os.rename(os.path.join(run_dir, "summary.json"), os.path.join(tmp_path, "summary.json"))
+  assert sweep.main([*argv, "--set", "optim.learning_rate=0.5"]) == 2  # Unfinished: continuable.
+  err = capsys.readouterr().err
+  assert "1 run(s) already trained with another config" in err and "--allow_config_change" in err
+  assert "optim.learning_rate 0.003 -> 0.5" in err
+  os.rename(os.path.join(tmp_path, "summary.json"), os.path.join(run_dir, "summary.json"))
   assert not os.path.exists(os.path.join(run_dir, "log.txt"))
   assert sweep.main([*argv, "--set", "train.eval_every=7"]) == 0  # Operational: still done.
   assert "1 finished run(s) skipped; 0 to run." in capsys.readouterr().out
