@@ -14,12 +14,14 @@ and moved to REF's latest commit; then Python 3.11 from `uv` (TPU images ship 3.
 (experiments.main on all workers with the same command; `--sweep_point NAME` runs one point of
 the experiment's sweep), sweep
 (launch.sweep on worker 0: single-host slices only), logs, stop, delete, and up (create if
-missing + setup + run). `--dry_run` prints every gcloud command and runs none.
+missing + setup + run). `--dry_run` prints every gcloud command and runs none (create's
+`describe`, with what each state leads to as comments).
 
 Every host runs the same `python -m experiments.main` command; JAX finds its peers on a pod
 slice by itself (attn.train.distributed), so nothing here passes ranks. On a multi-host slice the
 workdir must be a directory every worker sees (a gs:// bucket path, a gcsfuse mount, or NFS),
-since Orbax writes one checkpoint from all hosts.
+since Orbax writes one checkpoint from all hosts. `run` and `up` refuse a local-looking workdir
+on a multi-host `--accelerator` unless `--shared_workdir` says it is such a mount.
 
 The same command is always safe to run again: `create` skips a VM that is up, and deletes and
 recreates one that a spot preemption left PREEMPTED (a queued resource left SUSPENDED or
@@ -39,14 +41,24 @@ import tempfile
 import time
 from collections.abc import Sequence
 
+from attn import storage
 from launch import grid, sweep
 
 REMOTE_DIR = "~/attn"  # On every worker; the run's code and .venv live here.
 PYTHON = "3.11"  # The project's oldest supported Python; TPU VM images have 3.10.
 # States after which a node must be deleted before it can be created again (spot preemption).
 DEAD_STATES = {"tpu-vm": ("PREEMPTED", "TERMINATED"), "queued": ("SUSPENDED", "FAILED")}
+WAIT_POLL_S = 30.0  # How often a queued resource's state is checked until it is ACTIVE.
 LOG_DIR = "~/attn_logs"
 SOURCE_TARBALL = "attn-src.tar.gz"
+
+
+def multi_host(accelerator: str) -> bool:
+  """Whether an accelerator type spans several TPU VM hosts: above 8 in its name (TensorCores
+  for v2-v4 and v5p, chips for v5litepod / v6e; one host has at most 8 of either), e.g. v4-16,
+  v5litepod-16. An unrecognized name counts as single-host."""
+  size = accelerator.rpartition("-")[2]
+  return size.isdigit() and int(size) > 8
 
 
 def _scope(args: argparse.Namespace) -> list[str]:
@@ -69,6 +81,20 @@ def create_commands(args: argparse.Namespace) -> list[list[str]]:
   if args.spot:
     cmd.append("--spot")
   return [cmd]
+
+
+def create_plan(args: argparse.Namespace, create: list[str]) -> list[str]:
+  """What `_create` does, as --dry_run prints it: the describe it runs, then what each answer
+  leads to (comments), then the create itself."""
+  kind = "queued" if args.queued else "tpu-vm"
+  dead = " or ".join(DEAD_STATES[kind])
+  lines = [shlex.join(describe_command(args)),
+           f"# {dead} (a preemption): {shlex.join(delete_command(args))}, then create; "
+           "no such node: create; any other state: the node is up, no create",
+           shlex.join(create)]
+  if args.queued:
+    lines.append(f"# then the describe above every {WAIT_POLL_S:.0f} s until ACTIVE ({dead}: stop)")
+  return lines
 
 
 def describe_command(args: argparse.Namespace) -> list[str]:
@@ -248,7 +274,7 @@ def _create(args: argparse.Namespace, cmd: list[str]) -> None:
     _wait_active(args)
 
 
-def _wait_active(args: argparse.Namespace, poll_s: float = 30.0) -> None:
+def _wait_active(args: argparse.Namespace, poll_s: float = WAIT_POLL_S) -> None:
   """A queued resource is usable once ACTIVE; FAILED or SUSPENDED will not get better."""
   while True:
     state = _state(args)
@@ -298,6 +324,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                       help="with --repo: branch (moved to origin's), tag or commit to check out")
   parser.add_argument("--config", default=None, help="experiment file[:arg] (run / sweep / up)")
   parser.add_argument("--workdir", default=None, help="run directory, as the workers see it")
+  parser.add_argument("--shared_workdir", action="store_true",
+                      help="a local-looking --workdir is one mount every worker sees (gcsfuse, "
+                      "NFS): allowed on multi-host slices")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="a --config.KEY=VALUE override")
   parser.add_argument("--sweep_point", default=None, help="run this point of get_sweep()")
@@ -311,6 +340,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   args = parser.parse_args(argv)
   if args.command in ("run", "sweep", "up") and not (args.config and args.workdir):
     parser.error(f"{args.command} needs --config and --workdir.")
+  if (args.command in ("run", "up") and multi_host(args.accelerator) and
+      not storage.is_url(args.workdir) and not args.shared_workdir):
+    parser.error(
+      f"--workdir {args.workdir} is a path on each worker, but {args.accelerator} is a multi-host "
+      "slice: every worker would write its own copy and the multi-host checkpoint would fail. "
+      "Use a gs:// workdir (--workdir gs://BUCKET/runs/NAME), or, for a gcsfuse / NFS mount "
+      "that every worker sees at that path, add --shared_workdir.")
   if args.command == "logs" and not args.run:
     parser.error("logs needs --run (the log name that `run` printed).")
   return args
@@ -319,8 +355,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
   args = parse_args(sys.argv[1:] if argv is None else argv)
   if args.dry_run:
+    creates = create_commands(args) if args.command in ("create", "up") else []
     for cmd in commands(args):
-      print(shlex.join(cmd))
+      print("\n".join(create_plan(args, cmd)) if cmd in creates else shlex.join(cmd))
     return
   execute(args)
 

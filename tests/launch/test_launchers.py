@@ -5,6 +5,8 @@ import shlex
 import subprocess
 import sys
 
+import pytest
+
 from launch import gpu, sweep, tpu_vm
 
 VM = ["--name", "attn-v5e", "--zone", "us-west4-a", "--project", "proj"]
@@ -17,14 +19,25 @@ def _dry(main, argv, capsys):
 
 
 def test_create_on_demand_spot_and_queued(capsys):
+  """The dry run shows the describe that create runs first and what each state leads to
+  (test_create_recreates_a_preempted_spot_node runs that logic)."""
   base = ["create", *VM, "--accelerator", "v4-8", "--version", "tpu-ubuntu2204-base"]
   assert _dry(tpu_vm.main, base, capsys) == [
+    f"gcloud compute tpus tpu-vm describe attn-v5e {SCOPE} '--format=value(state)'",
+    f"# PREEMPTED or TERMINATED (a preemption): gcloud compute tpus tpu-vm delete attn-v5e {SCOPE}"
+    " --quiet, then create; no such node: create; any other state: the node is up, no create",
     f"gcloud compute tpus tpu-vm create attn-v5e {SCOPE} --accelerator-type=v4-8 "
     "--version=tpu-ubuntu2204-base"]
-  assert _dry(tpu_vm.main, [*base, "--spot"], capsys)[0].endswith(" --spot")
+  assert _dry(tpu_vm.main, [*base, "--spot"], capsys)[2].endswith(" --spot")
   assert _dry(tpu_vm.main, [*base, "--queued", "--spot"], capsys) == [
+    f"gcloud compute tpus queued-resources describe attn-v5e {SCOPE} "
+    "'--format=value(state.state)'",
+    "# SUSPENDED or FAILED (a preemption): gcloud compute tpus queued-resources delete attn-v5e "
+    f"{SCOPE} --force --quiet, then create; no such node: create; any other state: the node is "
+    "up, no create",
     f"gcloud compute tpus queued-resources create attn-v5e --node-id=attn-v5e {SCOPE} "
-    "--accelerator-type=v4-8 --runtime-version=tpu-ubuntu2204-base --spot"]
+    "--accelerator-type=v4-8 --runtime-version=tpu-ubuntu2204-base --spot",
+    "# then the describe above every 30 s until ACTIVE (SUSPENDED or FAILED: stop)"]
 
 
 def test_setup_copy_and_git(capsys):
@@ -199,9 +212,28 @@ def test_sweep_logs_stop_delete(capsys):
 def test_up_is_create_setup_run_follow(capsys):
   lines = _dry(tpu_vm.main, ["up", *VM, "--spot", "--config", "experiments/lm.py",
                              "--workdir", "/mnt/runs/lm"], capsys)
-  assert [shlex.split(line)[3:5] for line in lines] == [
-    ["tpu-vm", "create"], ["tpu-vm", "scp"], ["tpu-vm", "ssh"], ["tpu-vm", "ssh"],
-    ["tpu-vm", "ssh"]]
+  assert [shlex.split(line)[3:5] for line in lines if not line.startswith("#")] == [
+    ["tpu-vm", "describe"], ["tpu-vm", "create"], ["tpu-vm", "scp"], ["tpu-vm", "ssh"],
+    ["tpu-vm", "ssh"], ["tpu-vm", "ssh"]]
+
+
+def test_a_multi_host_slice_refuses_a_local_workdir(capsys):
+  """Each worker would write its own /home/...: refused before any command, dry run or not."""
+  for command in ("up", "run"):
+    argv = [command, *VM, "--accelerator", "v4-16", "--config", "experiments/lm.py"]
+    with pytest.raises(SystemExit) as info:
+      tpu_vm.main([*argv, "--workdir", "/home/me/runs/lm", "--dry_run"])
+    assert info.value.code == 2
+    out = capsys.readouterr()
+    assert out.out == ""
+    assert ("--workdir /home/me/runs/lm is a path on each worker, but v4-16 is a multi-host "
+            "slice") in out.err and "Use a gs:// workdir" in out.err
+    assert "gs://B/runs/lm" in _dry(tpu_vm.main, [*argv, "--workdir", "gs://B/runs/lm"],
+                                    capsys)[-2]
+    assert _dry(tpu_vm.main, [*argv, "--workdir", "/mnt/nfs/lm", "--shared_workdir"], capsys)
+  assert [tpu_vm.multi_host(a) for a in ("v4-8", "v4-16", "v5litepod-8", "v5litepod-16",
+                                          "v5p-8", "v6e-256", "v3-32", "custom")] == [
+    False, True, False, True, False, True, True, False]
 
 
 def test_pack_tree_takes_what_git_sees(tmp_path):
