@@ -58,6 +58,35 @@ def test_documented_args_build_valid_configs(name, arg):
   registry.parse_name(config.data.name)  # a known dataset
 
 
+def _readme_commands(module: str) -> list[str]:
+  """The README's `python -m <module> ...` commands, continuation lines joined."""
+  with open(os.path.join(REPO, "README.md")) as f:
+    text = f.read().replace("\\\n", " ")
+  return [line[line.index("python -m"):] for line in text.splitlines()
+          if f"python -m {module} " in line]
+
+
+def test_readme_commands_on_remote_data_name_a_data_dir():
+  """A README command whose config reads a remote dataset (lm.py trains on lm1b at every size
+  unless data=pystdlib) passes the data_dir that holds its preparation; the others use
+  embedded data, which needs none."""
+  commands = _readme_commands("experiments.main") + _readme_commands("launch.tpu_vm up")
+  checked = set()
+  for command in commands:
+    argv = command.strip("`").split()
+    if "--config" not in argv:
+      continue
+    spec = argv[argv.index("--config") + 1]
+    path, _, arg = spec.partition(":")
+    name = os.path.splitext(os.path.basename(path))[0]
+    _, dataset, _ = registry.parse_name(_config(name, arg or None).data.name)
+    checked.add((spec, dataset.embedded))
+    assert dataset.embedded or "data_dir=" in command, command
+  assert ("experiments/lm.py:size=base", False) in checked
+  assert ("experiments/lm.py:data=pystdlib,attention=gqa,position=rope,size=small", True) in checked
+  assert _config("lm", "size=small").data.name == "lm1b"  # No fallback to pystdlib at any size.
+
+
 @pytest.mark.parametrize("name", sorted(DOCUMENTED))
 def test_runlocal_uses_embedded_data_and_a_tiny_model(name):
   config = _config(name, "runlocal")
