@@ -11,7 +11,9 @@ quotes or `;` arrives as written.
 
 Relaunching the same command is always safe: runs with a summary.json are skipped, interrupted
 ones resume from their checkpoint (the trainer's contract) and failed ones are tried again. A run
-that fails leaves `error.json` (exit status and the end of its log) and the sweep goes on. At the
+that fails leaves `error.json` (exit status and the end of its log) and the sweep goes on; one
+whose workdir lock another launch holds (a sweep relaunched while the first still runs it) is
+not started, and nothing is written into its folder. At the
 end, and with `--report` alone, launch.report writes results.csv, results.md and PNG plots into
 the workdir. Each run's console output is in `<run>/log.txt`. The workdir may be a bucket
 (`--workdir gs://bucket/sweeps/x`): the children write there directly, and each log is kept in a
@@ -348,6 +350,8 @@ def _finish(run_dir: str, argv: list[str], returncode: int, seconds: float) -> s
   if storage.is_url(run_dir):
     with open(log, "rb") as f:
       storage.write_bytes_atomic(storage.join(run_dir, LOG_FILE), f.read())
+  if returncode == 0:  # An error.json of a launch refused meanwhile (in use) is stale now.
+    storage.remove(storage.join(run_dir, ERROR_FILE))
   if returncode == 0 and storage.exists(storage.join(run_dir, "summary.json")):
     return "done"
   if returncode == 0:  # The trainer stopped early (SIGTERM) and saved: resumable, not failed.
@@ -369,6 +373,8 @@ def execute(spec: str, workdir: str, runs: Sequence[Run], *, parallel: int = 1,
   `changed` names runs whose config differs from the one their directory trained with: they
   are never skipped as done (the child continues or refuses them).
   """
+  from attn.train import workdir_lock  # Deferred: the package imports the trainer.
+
   outcome: dict[str, str] = {}
   todo = []
   for run in runs:
@@ -388,6 +394,11 @@ def execute(spec: str, workdir: str, runs: Sequence[Run], *, parallel: int = 1,
       while todo and len(active) < parallel:
         run = todo.pop(0)
         run_dir = run.workdir(workdir)
+        holder = workdir_lock.holder(run_dir)
+        if holder is not None:  # Another launch trains it: write nothing into its folder.
+          outcome[run.name] = "busy"
+          echo(f"{'busy':>11} {run.name}: in use by {workdir_lock.describe(holder)}")
+          continue
         storage.makedirs(run_dir)
         storage.remove(storage.join(run_dir, ERROR_FILE))  # A retry; the old error is in the log.
         argv = child_argv(spec, run_dir, run.point, extra)
@@ -563,7 +574,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   failed = sorted(name for name, state in outcome.items() if state == "failed")
   if failed:
     print(f"{len(failed)} run(s) failed (see <run>/error.json and log.txt): {', '.join(failed)}")
-  return 1 if failed else 0
+  busy = sorted(name for name, state in outcome.items() if state == "busy")
+  if busy:
+    print(f"{len(busy)} run(s) in use by another launch, not started (relaunch when it ends): "
+          f"{', '.join(busy)}")
+  return 1 if failed or busy else 0
 
 
 if __name__ == "__main__":

@@ -377,6 +377,16 @@ def make_lock(workdir: str, **kwargs: Any) -> WorkdirLock:
   return LocalLock(workdir, **kwargs)
 
 
+def holder(workdir: str) -> dict[str, Any] | None:
+  """The record of the launch that holds `workdir` now, or None (no lock, or a stale one that
+  the next launch takes over); only reads. For `describe`, e.g. before a sweep starts a run."""
+  lock = make_lock(workdir)
+  record, _, written = lock._read()
+  if record is None or lock._stale_reason(record, written) is not None:
+    return None
+  return record
+
+
 _SHARED = itertools.count()  # Every process calls hold() in the same order: one key each.
 
 

@@ -247,3 +247,39 @@ def test_each_child_process_on_a_tpu_vm_gets_its_chips(tmp_path, monkeypatch, ca
   assert _FakeChild.started == []  # Refused before any run started.
   assert ("--parallel 5: this TPU VM has 4 chip(s) (0, 1, 2, 3) and a chip serves one process; "
           "use --parallel 4 or less.") in capsys.readouterr().err
+
+
+class _ChildMeanwhileRefused(_FakeChild):
+  """A child during whose run a second sweep's refused launch left error.json in its folder."""
+
+  def __init__(self, argv, env, **kwargs):
+    super().__init__(argv, env, **kwargs)
+    with open(os.path.join(self.started[-1][0], sweep.ERROR_FILE), "w") as f:
+      json.dump({"returncode": 1, "error": "... is in use by pid 1 ..."}, f)
+
+
+def test_a_run_in_use_is_not_started_and_nothing_is_written_into_it(tmp_path, monkeypatch,
+                                                                    capsys):
+  from tests.train.conftest import lock_holder
+
+  busy, free = (str(tmp_path / name) for name in ("norm=layernorm", "norm=rmsnorm"))
+  os.makedirs(busy)
+  with open(os.path.join(busy, sweep.LOG_FILE), "w") as f:  # The first sweep's child.
+    f.write("step 2/4: loss 5.52, tok/s 1.2e+03, eta 2s\n")
+  holder = lock_holder(busy)
+  monkeypatch.setattr(_FakeChild, "started", [])
+  monkeypatch.setattr(sweep.subprocess, "Popen", _ChildMeanwhileRefused)
+  try:
+    before = {n: os.path.getsize(os.path.join(busy, n)) for n in os.listdir(busy)}
+    assert sweep.main(["--config", FIXTURE, "--workdir", str(tmp_path),
+                       "--filter", "norm=(layernorm|rmsnorm)"]) == 1
+    out = capsys.readouterr().out
+    assert f"busy norm=layernorm: in use by pid {holder.pid} on host" in out
+    assert "1 run(s) in use by another launch, not started" in out and "loss 5.52" not in out
+    assert {n: os.path.getsize(os.path.join(busy, n)) for n in os.listdir(busy)} == before
+    assert [w for w, _ in _FakeChild.started] == [free]
+    # The run that finished removed the error.json a refused launch left meanwhile.
+    assert not os.path.exists(os.path.join(free, sweep.ERROR_FILE))
+  finally:
+    holder.kill()
+    holder.wait()
