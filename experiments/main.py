@@ -44,8 +44,8 @@ def main(argv: list[str]) -> None:
     # The lock is released and saves are finished by now. Leave without the interpreter's
     # teardown, which can crash while XLA's compile threads are still running (a first
     # compile interrupted by Ctrl-C ended in a segmentation fault).
-    print("Interrupted (Ctrl-C); the same command resumes from the newest checkpoint.",
-          file=sys.stderr, flush=True)
+    print("Interrupted (Ctrl-C): stopped without saving; the same command resumes from the "
+          "newest checkpoint (SIGTERM saves before it stops).", file=sys.stderr, flush=True)
     os._exit(130)
   if jax.process_index() == 0:
     print(metrics.format_report(_WORKDIR.value, result), flush=True)

@@ -348,6 +348,6 @@ def test_ctrl_c_during_the_first_compile_exits_130_without_a_crash(data_dir, tmp
       break
   rest = proc.communicate(timeout=120)[1]
   assert proc.returncode == 130, "".join(lines) + rest
-  assert "Interrupted (Ctrl-C)" in rest and "Segmentation" not in rest
+  assert "Interrupted (Ctrl-C): stopped without saving" in rest and "Segmentation" not in rest
   assert not os.path.exists(os.path.join(workdir, "lock.json"))
   assert not glob.glob(os.path.join(REPO, "core*"))
