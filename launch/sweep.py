@@ -529,10 +529,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   refused = {name: c for name, c in changes.items() if config_identity.split(c)[0]}
   # A finished run has no step left to continue with a changed trajectory, allowed or not.
   finished = []
-  for run in runs:
+  for run in (run for run in runs if run.name in refused):
     run_dir = run.workdir(args.workdir)
     num_steps = resolved_config(module, arg, run, args.set).train.num_steps
-    step = config_identity.finished_step(run_dir, num_steps) if run.name in refused else None
+    step = config_identity.finished_step(run_dir, num_steps)
     if step is not None:
       finished.append(str(config_identity.finished_error(
         run_dir, step, config_identity.split(refused.pop(run.name))[0])))

@@ -188,11 +188,15 @@ def test_changed_learning_rate_is_refused_with_a_diff(straight, data_dir, tmp_pa
 
 
 @pytest.mark.slow  # ~50 s on 2 busy cores: another learning rate is another compiled step.
-def test_allowed_config_change_is_recorded_with_its_step(straight, data_dir, tmp_path):
+def test_allowed_config_change_is_recorded_with_its_step(straight, data_dir, tmp_path, capfd):
   workdir = _unfinished_copy(straight, tmp_path, keep_last=False)
   changed = tiny_config(data_dir, **{"optim.learning_rate": 1e-3, "train.eval_every": 2})
   _refused(workdir, changed)
   train.train_and_evaluate(changed, workdir, allow_config_change=True)
+  err = capfd.readouterr().err
+  assert "resuming at step 3" in err
+  assert ("config change from step 3 on, allowed (--allow_config_change): "
+          "optim.learning_rate 0.003 -> 0.001, train.eval_every 3 -> 2") in err
   (change,) = config_identity.history(workdir)
   assert change["step"] == 3 and change["kind"] == "allowed"
   assert change["changes"] == {"optim.learning_rate": [0.003, 0.001], "train.eval_every": [3, 2]}
