@@ -17,6 +17,15 @@ Budget:   experiments/attention_ablation.py's sweep (the README's attention abla
           scale with the length (local: window 32 of 128, experiments/presets.LENGTH_OPTIONS).
           The first draft used lm.py's tiny model at 400 steps (never run); the band is
           unchanged.
+Found:    (2026-12-04, seed 0, shared 2-core CPU) fails on one of its seven points: eval
+          bits/byte local 3.329, cosine 3.341, softmax 3.341, sinks 3.369, sigmoid 3.599,
+          performer 3.728, linear 3.803. Sinks and cosine are within 0.03 of softmax, local
+          (window 32 of 128) matches it, linear and performer trail by 0.39 / 0.46 (>= 0.10):
+          inside the band. Sigmoid attention (b = -log S, the paper's bias) trails by 0.26,
+          outside its 0.15: Ramapuram et al.'s parity is at convergence and with their
+          stabilizers (hybrid norm / LayerScale), not after 300 steps of a 4-layer model. One
+          seed: the ordering below sigmoid is clear, the sinks / cosine / local spread (0.04)
+          is within what a seed moves here.
 Command:  python -m experiments.reproduce --only mechanisms_lm [--seeds 3]
           (the same runs: python -m launch.sweep
           --config experiments/attention_ablation.py:steps=300 --filter attention=NAME, for
