@@ -18,11 +18,12 @@ Budget:   experiments/lm.py:data=pystdlib,size=tiny (2 layers, d_model 64, 4 hea
           600 steps of 16 x 256 bytes, AdamW lr 3e-3, 60 warmup steps. The paper trains 1.7B
           dense / 15B MoE models on 400B tokens; at this scale a sink may be weak in softmax too,
           in which case the claim fails (the ratio stays near 1) and says so.
-Found:    (2026-12-04, seed 0, shared 2-core CPU) fails, for want of a sink: softmax puts
-          0.012 of its mass on the first token, gated 0.013 (eval loss 2.254 / 2.257 nats per
-          byte). A row attending uniformly would put ~0.022 there (the mean of 1 / keys over
-          the queries), so this 2-layer, 600-step softmax model has no attention sink to
-          remove: its maps are local (the plot), as a small byte LM's are. Qiu et al.'s sinks
+Found:    (2026-12-04, seeds 0 and 1, shared 2-core CPU) fails, for want of a sink: softmax
+          puts 0.012 / 0.010 of its mass on the first token, gated 0.013 / 0.010 (eval loss
+          2.254 / 2.172 and 2.257 / 2.190 nats per byte). A row attending uniformly would put
+          ~0.022 there (the mean of 1 / keys over the queries), so this 2-layer, 600-step
+          softmax model has no attention sink to remove: its maps are local (the plot), as a
+          small byte LM's are. Qiu et al.'s sinks
           come with depth and long training (their baseline's first-token share is 46.7%); a
           deeper / longer budget than a 2-core CPU gives is the next step.
 Command:  python -m experiments.reproduce --only gated_sink [--seeds 3]
