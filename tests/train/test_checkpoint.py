@@ -134,9 +134,11 @@ def test_other_model_in_workdir_is_an_error_naming_the_parameter(reference, data
   workdir = reference["workdir"]
   listing = sorted(os.walk(workdir))
   config = tiny_config(data_dir, **{"model.mlp_dim": 96})
-  # The stored config refuses it first; allowed, the checkpoint's shapes still cannot fit.
+  # The stored config refuses it first; allowed (with steps left to continue, since the run is
+  # finished), the checkpoint's shapes still cannot fit.
   with pytest.raises(train.ConfigError, match=r"model.mlp_dim: 64 -> 96"):
     train.train_and_evaluate(config, workdir)
+  config.train.num_steps += 2
   with pytest.raises(train.ConfigError, match=r"parameter '.*mlp.*' has shape"):
     train.train_and_evaluate(config, workdir, allow_config_change=True)
   assert sorted(os.walk(workdir)) == listing  # Nothing written or removed.
