@@ -37,7 +37,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -88,6 +88,16 @@ class Cells(list):
     if not n:
       return "-"
     return (f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}") + f" (n={n})"
+
+  def compare(self, metric: str, labels: Mapping[str, str], *, key: str = "attention",
+              prefix: str = "") -> tuple[dict[str, float] | None, str]:
+    """What a claim's check compares: the metric's mean for each `key` value named in `labels`
+    (None when one is missing: the claim is incomplete) and the detail line
+    ("<prefix><label> mean ± std (n), ...")."""
+    means = {value: self.mean(metric, **{key: value}) for value in labels}
+    detail = prefix + ", ".join(f"{label} {self.text(metric, **{key: value})}"
+                                for value, label in labels.items())
+    return (None if any(math.isnan(m) for m in means.values()) else means), detail
 
 
 def claim_files(claims_dir: str = CLAIMS_DIR) -> dict[str, str]:

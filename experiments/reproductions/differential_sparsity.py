@@ -33,7 +33,6 @@ Command:  python -m experiments.reproduce --only differential_sparsity [--seeds 
 Hardware: a 2-core CPU: 2 runs per seed, ~1-2 min each on an idle machine.
 """
 
-import math
 
 from experiments import lm
 from experiments.reproductions import _maps
@@ -45,6 +44,7 @@ PAPER = "Ye et al. 2024 (Differential Transformer)"
 BAND = "noise mass (1 - top-8 share of abs(weights)): differential <= 0.5 x softmax"
 SWEEP_METRIC = "top8_share"
 RATIO = 0.5
+LABELS = {"mha": "softmax", "differential": "differential"}
 
 
 def get_config(arg: str | None = None):
@@ -62,16 +62,12 @@ def measure(run_dir: str) -> dict[str, float]:
 
 
 def check(cells) -> tuple[str, str]:
-  soft = cells.mean("top8_share", attention="mha")
-  diff = cells.mean("top8_share", attention="differential")
-  detail = (f"top-8 share: softmax {cells.text('top8_share', attention='mha')}, "
-            f"differential {cells.text('top8_share', attention='differential')}")
-  if math.isnan(soft) or math.isnan(diff):
+  means, detail = cells.compare("top8_share", LABELS, prefix="top-8 share: ")
+  if means is None:
     return "incomplete", detail
-  return ("pass" if 1 - diff <= RATIO * (1 - soft) else "fail"), detail
+  noise = {name: 1 - share for name, share in means.items()}
+  return ("pass" if noise["differential"] <= RATIO * noise["mha"] else "fail"), detail
 
 
 def plot(cells):
-  return _maps.measure_figure(cells, "top8_share", {"mha": "softmax",
-                                                    "differential": "differential"},
-                              "top-8 share of |attention|", TITLE)
+  return _maps.measure_figure(cells, "top8_share", LABELS, "top-8 share of |attention|", TITLE)

@@ -30,7 +30,6 @@ Command:  python -m experiments.reproduce --only gated_sink [--seeds 3]
 Hardware: a 2-core CPU: 2 runs per seed, ~1-2 min each on an idle machine.
 """
 
-import math
 
 from experiments import lm
 from experiments.reproductions import _maps
@@ -42,6 +41,7 @@ PAPER = "Qiu et al. 2025 (gated attention)"
 BAND = "first-token mass: gated <= 0.5 x softmax"
 SWEEP_METRIC = "first_token_mass"
 RATIO = 0.5
+LABELS = {"mha": "softmax", "gated": "gated"}
 
 
 def get_config(arg: str | None = None):
@@ -59,15 +59,11 @@ def measure(run_dir: str) -> dict[str, float]:
 
 
 def check(cells) -> tuple[str, str]:
-  soft = cells.mean("first_token_mass", attention="mha")
-  gated = cells.mean("first_token_mass", attention="gated")
-  detail = (f"first-token mass: softmax {cells.text('first_token_mass', attention='mha')}, "
-            f"gated {cells.text('first_token_mass', attention='gated')}")
-  if math.isnan(soft) or math.isnan(gated):
+  means, detail = cells.compare("first_token_mass", LABELS, prefix="first-token mass: ")
+  if means is None:
     return "incomplete", detail
-  return ("pass" if gated <= RATIO * soft else "fail"), detail
+  return ("pass" if means["gated"] <= RATIO * means["mha"] else "fail"), detail
 
 
 def plot(cells):
-  return _maps.measure_figure(cells, "first_token_mass", {"mha": "softmax", "gated": "gated"},
-                              "mass on the first token", TITLE)
+  return _maps.measure_figure(cells, "first_token_mass", LABELS, "mass on the first token", TITLE)

@@ -29,7 +29,6 @@ Command:  python -m experiments.reproduce --only gdn_recall [--seeds 3]
 Hardware: a 2-core CPU: 2 runs per seed (measured times in the README's table).
 """
 
-import math
 
 from experiments.reproductions import mqar_recall
 from launch import grid
@@ -52,10 +51,8 @@ def get_sweep(arg: str | None = None) -> list[grid.Point]:
 
 
 def check(cells) -> tuple[str, str]:
-  gdn = cells.mean("accuracy", attention="gated_deltanet")
-  linear = cells.mean("accuracy", attention="linear")
-  detail = (f"gated_deltanet {cells.text('accuracy', attention='gated_deltanet')}, "
-            f"linear {cells.text('accuracy', attention='linear')}")
-  if math.isnan(gdn) or math.isnan(linear):
+  acc, detail = cells.compare("accuracy", {"gated_deltanet": "gated_deltanet",
+                                            "linear": "linear"})
+  if acc is None:
     return "incomplete", detail
-  return ("pass" if gdn >= linear + MARGIN else "fail"), detail
+  return ("pass" if acc["gated_deltanet"] >= acc["linear"] + MARGIN else "fail"), detail

@@ -66,9 +66,8 @@ def get_sweep(arg: str | None = None) -> list[grid.Point]:
 
 
 def check(cells) -> tuple[str, str]:
-  acc = {a: cells.mean("accuracy", attention=a) for a in MECHANISMS}
-  detail = ", ".join(f"{a} {cells.text('accuracy', attention=a)}" for a in MECHANISMS)
-  if any(math.isnan(v) for v in acc.values()):
+  acc, detail = cells.compare("accuracy", {a: a for a in MECHANISMS})
+  if acc is None:
     return "incomplete", detail
   ok = (acc["mha"] >= 0.95 and acc["linear"] <= acc["mha"] - 0.15
         and acc["local"] <= acc["mha"] - 0.05)

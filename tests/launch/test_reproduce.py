@@ -156,6 +156,10 @@ def test_cells_lookup_and_missing_values():
   assert cells.text("loss", inf=True, a=2) == "diverged"
   seeds = reproduce.Cells([reproduce.Cell({"a": 1}, 3, 3, {"loss": (2.0, 0.25, 3)})])
   assert seeds.text("loss", a=1) == "2.000 ± 0.250 (n=3)"
+  means, detail = cells.compare("loss", {1: "one", 2: "two"}, key="a", prefix="loss: ")
+  assert means is None and detail == "loss: one 2.000 (n=1), two -"  # a=2 has no value
+  means, detail = cells.compare("loss", {1: "one"}, key="a")
+  assert means == {1: 2.0} and detail == "one 2.000 (n=1)"
 
 
 def _mqar(mha, linear, local):
