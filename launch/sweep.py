@@ -44,18 +44,17 @@ import json
 import os
 import re
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
 from attn import storage
-from launch import grid, report
+from launch import devices, grid, report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLAN_FILE = "sweep.json"
@@ -63,13 +62,6 @@ ERROR_FILE = "error.json"
 LOG_FILE = "log.txt"
 # Children log to files; a progress bar there is only carriage returns.
 QUIET = ("train.progress_bar=False",)
-MEM_FRACTION = "XLA_PYTHON_CLIENT_MEM_FRACTION"
-# What the runs on one GPU may preallocate together; the rest is CUDA contexts and headroom.
-SHARED_GPU_MEMORY = 0.9
-# TPU chips per run -> their grid on the host (x,y,z): pairs are 0,1 / 2,3, fours are 2x2, eight
-# is a v6e / v5e host's 2x4 (as JAX's own multi-process test runner lays them out).
-TPU_CHIP_BOUNDS = {1: "1,1,1", 2: "1,2,1", 4: "2,2,1", 8: "2,4,1"}
-TPU_BASE_PORT = 8476  # libtpu's default TPU_PROCESS_PORT; run slot s listens on 8476 + s.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,76 +215,6 @@ def child_argv(spec: str, run_dir: str, point: grid.Point, extra: Sequence[str] 
   return argv
 
 
-def visible_gpus(environ: Mapping[str, str] = os.environ) -> list[str]:
-  """The GPUs the children could use: CUDA_VISIBLE_DEVICES if set, else nvidia-smi's list (the
-  runner must not import JAX: it would take GPU memory itself); [] without NVIDIA GPUs."""
-  if "CUDA_VISIBLE_DEVICES" in environ:
-    return [d.strip() for d in environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()]
-  if shutil.which("nvidia-smi") is None:
-    return []
-  done = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
-                        capture_output=True, text=True)
-  return done.stdout.split() if done.returncode == 0 else []
-
-
-def visible_tpu_chips(environ: Mapping[str, str] = os.environ) -> list[str]:
-  """The TPU chips the children could use: TPU_VISIBLE_CHIPS if set, else the Google TPU chips
-  on this host's PCI bus (JAX's count, read from /sys without starting the TPU runtime, which
-  would hold every chip); [] without TPUs."""
-  if environ.get("TPU_VISIBLE_CHIPS"):
-    return [c.strip() for c in environ["TPU_VISIBLE_CHIPS"].split(",") if c.strip()]
-  from jax._src import hardware_utils  # No public API counts chips without claiming them.
-
-  return [str(i) for i in range(hardware_utils.num_available_tpu_chips_and_device_id()[0])]
-
-
-def accelerators(parallel: int) -> tuple[list[str], list[str]]:
-  """(GPUs, TPU chips) that `parallel` runs at a time share; ValueError if they cannot."""
-  if parallel <= 1:
-    return [], []
-  gpus = visible_gpus()
-  chips = [] if gpus else visible_tpu_chips()
-  if chips and parallel > len(chips):
-    raise ValueError(f"--parallel {parallel}: this TPU VM has {len(chips)} chip(s) "
-                     f"({', '.join(chips)}) and a chip serves one process; use --parallel "
-                     f"{len(chips)} or less.")
-  return gpus, chips
-
-
-def child_env(slot: int, parallel: int, gpus: Sequence[str],
-              environ: Mapping[str, str] = os.environ, *,
-              chips: Sequence[str] = ()) -> dict[str, str]:
-  """The variables that give child `slot` (of `parallel` at a time) its part of the GPUs, or
-  its own TPU chips."""
-  if parallel <= 1 or not (gpus or chips):
-    return {}
-  if chips:
-    return _tpu_child_env(slot, parallel, chips)
-  out = {}
-  if len(gpus) > 1:
-    out["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
-  sharing = -(-parallel // len(gpus))  # Runs at a time on one GPU (ceil).
-  if sharing > 1 and MEM_FRACTION not in environ:
-    out[MEM_FRACTION] = f"{SHARED_GPU_MEMORY / sharing:.3f}"
-  return out
-
-
-def _tpu_child_env(slot: int, parallel: int, chips: Sequence[str]) -> dict[str, str]:
-  """Child `slot`'s own block of chips as a one-process slice: libtpu sees only those chips,
-  arranged as TPU_CHIPS_PER_PROCESS_BOUNDS, and listens on a port of its own."""
-  per = max(n for n in TPU_CHIP_BOUNDS if n <= max(1, len(chips) // parallel))
-  port = TPU_BASE_PORT + slot
-  return {
-    "TPU_VISIBLE_CHIPS": ",".join(chips[slot * per:(slot + 1) * per]),
-    "TPU_CHIPS_PER_PROCESS_BOUNDS": TPU_CHIP_BOUNDS[per],
-    "TPU_PROCESS_BOUNDS": "1,1,1",  # One process in its slice (it coordinates with nobody).
-    "TPU_PROCESS_PORT": str(port),
-    "TPU_PROCESS_ADDRESSES": f"localhost:{port}",
-    "CLOUD_TPU_TASK_ID": "0",
-    "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",  # Else libtpu's lock file lets one process per host.
-  }
-
-
 def status(run_dir: str) -> str:
   """done (a readable summary.json) | failed (error.json) | interrupted (a checkpoint) | pending;
   a damaged summary.json is not done (the relaunched run recomputes it)."""
@@ -386,7 +308,7 @@ def execute(spec: str, workdir: str, runs: Sequence[Run], *, parallel: int = 1,
     echo(f"{len(outcome)} finished run(s) skipped; {len(todo)} to run.")
   active: dict[str, tuple[subprocess.Popen, float, list[str], Any, int]] = {}
   env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-  gpus, chips = accelerators(parallel)
+  gpus, chips = devices.accelerators(parallel)
   previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
   total, started = len(todo), 0
   try:
@@ -405,7 +327,7 @@ def execute(spec: str, workdir: str, runs: Sequence[Run], *, parallel: int = 1,
         if allow_config_change:
           argv.append("--allow_config_change")
         slot = min(set(range(parallel)) - {a[4] for a in active.values()})
-        share = child_env(slot, parallel, gpus, chips=chips)
+        share = devices.child_env(slot, parallel, gpus, chips=chips)
         log = open(log_path(run_dir), "a")  # noqa: SIM115 (closed when it ends)
         log.write(f"=== {datetime.datetime.now().isoformat(timespec='seconds')} "
                   f"{json.dumps(share) + ' ' if share else ''}{json.dumps(argv)}\n")
@@ -520,7 +442,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   # Every run's config is built before any starts: a bad --set fails here, not in N children.
   try:
     changes = config_changes(module, arg, args.workdir, runs, args.set)
-    accelerators(args.parallel)  # --parallel beyond the TPU chips: refused before any start.
+    devices.accelerators(args.parallel)  # Too many runs for the TPU chips: refused now.
   except ValueError as e:
     print(f"Config error: {e}", file=sys.stderr)
     return 2

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from launch import grid, sweep
+from launch import devices, grid, sweep
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sweep_fixture.py")
 WEIRD = 'a b; rm -rf x "q" $(echo hi) `id` & | > y'
@@ -157,16 +157,16 @@ def test_report_alone_needs_only_the_workdir(tmp_path, capsys):
 
 def test_parallel_children_share_the_gpus():
   two = ["0", "1"]
-  assert [sweep.child_env(s, 2, two, {}) for s in range(2)] == [
+  assert [devices.child_env(s, 2, two, {}) for s in range(2)] == [
     {"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "1"}]  # One GPU each, all memory.
-  assert sweep.child_env(3, 4, two, {}) == {"CUDA_VISIBLE_DEVICES": "1",
+  assert devices.child_env(3, 4, two, {}) == {"CUDA_VISIBLE_DEVICES": "1",
                                             "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.450"}
-  assert sweep.child_env(2, 3, ["7"], {}) == {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.300"}
+  assert devices.child_env(2, 3, ["7"], {}) == {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.300"}
   mine = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.2"}
-  assert sweep.child_env(0, 3, ["7"], mine) == {}  # The user's setting is kept.
-  assert sweep.child_env(0, 1, ["0"], {}) == {}  # One run at a time: JAX's defaults.
-  assert sweep.child_env(1, 4, [], {}) == {}  # CPU: nothing to split.
-  assert sweep.visible_gpus({"CUDA_VISIBLE_DEVICES": "2, 3"}) == ["2", "3"]
+  assert devices.child_env(0, 3, ["7"], mine) == {}  # The user's setting is kept.
+  assert devices.child_env(0, 1, ["0"], {}) == {}  # One run at a time: JAX's defaults.
+  assert devices.child_env(1, 4, [], {}) == {}  # CPU: nothing to split.
+  assert devices.visible_gpus({"CUDA_VISIBLE_DEVICES": "2, 3"}) == ["2", "3"]
 
 
 class _FakeChild:
@@ -209,7 +209,7 @@ def test_each_child_process_gets_its_gpu(tmp_path, monkeypatch):
 
 def test_parallel_children_on_a_tpu_vm_get_chips_of_their_own():
   four = ["0", "1", "2", "3"]
-  pairs = [sweep.child_env(s, 2, [], {}, chips=four) for s in range(2)]
+  pairs = [devices.child_env(s, 2, [], {}, chips=four) for s in range(2)]
   assert pairs[0] == {"TPU_VISIBLE_CHIPS": "0,1", "TPU_CHIPS_PER_PROCESS_BOUNDS": "1,2,1",
                       "TPU_PROCESS_BOUNDS": "1,1,1", "TPU_PROCESS_PORT": "8476",
                       "TPU_PROCESS_ADDRESSES": "localhost:8476", "CLOUD_TPU_TASK_ID": "0",
@@ -217,13 +217,13 @@ def test_parallel_children_on_a_tpu_vm_get_chips_of_their_own():
   assert {k: pairs[1][k] for k in ("TPU_VISIBLE_CHIPS", "TPU_PROCESS_PORT")} == {
     "TPU_VISIBLE_CHIPS": "2,3", "TPU_PROCESS_PORT": "8477"}
   # Three runs on four chips: one chip each (the fourth idles); a 2x4 host in halves.
-  assert [sweep.child_env(s, 3, [], {}, chips=four)["TPU_VISIBLE_CHIPS"] for s in range(3)] == [
+  assert [devices.child_env(s, 3, [], {}, chips=four)["TPU_VISIBLE_CHIPS"] for s in range(3)] == [
     "0", "1", "2"]
-  assert sweep.child_env(2, 3, [], {}, chips=four)["TPU_CHIPS_PER_PROCESS_BOUNDS"] == "1,1,1"
-  half = sweep.child_env(1, 2, [], {}, chips=[str(c) for c in range(8)])
+  assert devices.child_env(2, 3, [], {}, chips=four)["TPU_CHIPS_PER_PROCESS_BOUNDS"] == "1,1,1"
+  half = devices.child_env(1, 2, [], {}, chips=[str(c) for c in range(8)])
   assert (half["TPU_VISIBLE_CHIPS"], half["TPU_CHIPS_PER_PROCESS_BOUNDS"]) == ("4,5,6,7", "2,2,1")
-  assert sweep.child_env(0, 1, [], {}, chips=four) == {}  # One run: all chips, JAX's defaults.
-  assert sweep.visible_tpu_chips({"TPU_VISIBLE_CHIPS": "4, 5"}) == ["4", "5"]
+  assert devices.child_env(0, 1, [], {}, chips=four) == {}  # One run: all chips, JAX's defaults.
+  assert devices.visible_tpu_chips({"TPU_VISIBLE_CHIPS": "4, 5"}) == ["4", "5"]
 
 
 def test_each_child_process_on_a_tpu_vm_gets_its_chips(tmp_path, monkeypatch, capsys):
