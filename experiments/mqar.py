@@ -4,8 +4,8 @@ key-value pairs, as sequence length, number of pairs and model width grow.
 Command:  python -m launch.sweep --config experiments/mqar.py --workdir runs/mqar --parallel 4
           python -m experiments.main --config experiments/mqar.py:data=long,width=128 \
               --workdir runs/mqar_long
-Args:     data=tiny|l64|l128|default|long (length x pairs: 32 x 4, 64 x 8, 128 x 16,
-          256 x 16, 1024 x 64; the mqar
+Args:     data=tiny|l32|l64|l128|default|long (length x pairs: 32 x 4 (512 / 16,384
+          problems), 64 x 8, 128 x 16, 256 x 16, 1024 x 64; the mqar
           builder's configs), width=N (d_model, default 128), attention=mha|gqa|mqa|local|chunked,
           lr=X, steps=N, heads=N (0: max(4, width / 32)), position=rope|learned|...,
           tie=True|False (tied embeddings), embed_init=normal|scaled (model.embed_init),
@@ -32,7 +32,7 @@ from launch import grid
 
 SWEEP_METRIC = "accuracy"
 # data -> (seq_len, vocab)
-_DATA = {"tiny": (32, 64), "l64": (64, 256), "l128": (128, 256),
+_DATA = {"tiny": (32, 64), "l32": (32, 64), "l64": (64, 256), "l128": (128, 256),
          "default": (256, 8192), "long": (1024, 8192)}
 _ARGS = {"data": "default", "width": 128, "attention": "mha", "lr": 1e-3, "steps": 0,
          "heads": 0, "position": "rope", "tie": True, "embed_init": "normal", "batch": 64,

@@ -22,7 +22,10 @@ normal trainer), under `<workdir>/<claim>/`, then writes into the workdir:
 
 Each claim's directory also gets launch.report's results.csv / results.md. A rerun skips the
 points that finished (summary.json present); a killed run resumes from its checkpoints (the
-trainer's contract). `--report` only rewrites the reports from what is on disk.
+trainer's contract). `--report` only rewrites the reports from what is on disk. A claim with
+no runs in the workdir keeps its entry of the results.json already there, with the commit and
+date it was measured at (`measured`), so claims run in different sessions or on different
+machines report together.
 """
 
 from __future__ import annotations
@@ -231,11 +234,14 @@ def markdown(summary: dict[str, Any]) -> str:
   lines = ["# Reproductions", "",
            f"Commit `{prov['commit']}`{' (uncommitted changes)' if prov['dirty'] else ''}; "
            + ", ".join(f"{k} {v}" for k, v in prov["versions"].items() if v) + ".", "",
-           "| claim | paper | band | result | detail | wall time |", "|---|---|---|---|---|---|"]
+           "| claim | paper | band | result | detail | wall time | measured |",
+           "|---|---|---|---|---|---|---|"]
   for name, c in summary["claims"].items():
     wall = "-" if c["wall_s"] is None else f"{c['wall_s'] / 60:.1f} min"
+    measured = c.get("measured")
+    when = f"{measured['written'][:10]}, `{(measured['commit'] or '?')[:7]}`" if measured else "-"
     lines.append(f"| {name} | {c['paper']} | {c['band']} | **{c['status']}** | {c['detail']} | "
-                 f"{wall} |")
+                 f"{wall} | {when} |")
   for name, c in summary["claims"].items():
     if not c["cells"]:
       continue
@@ -254,13 +260,34 @@ def markdown(summary: dict[str, Any]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def earlier_entries(workdir: str) -> dict[str, dict[str, Any]]:
+  """The measured claims of the results.json already in `workdir`, each stamped with the commit
+  and date it was written at (a stamp it already carries is kept)."""
+  path = storage.join(workdir, "results.json")
+  if not storage.exists(path):
+    return {}
+  earlier = json.loads(storage.read_text(path))
+  stamp = {"commit": earlier["provenance"]["commit"], "written": earlier["written"]}
+  return {name: {**entry, "measured": entry.get("measured", stamp)}
+          for name, entry in earlier["claims"].items() if entry["status"] != "not run"}
+
+
 def write_results(workdir: str, claims: dict[str, str]) -> dict[str, Any]:
-  """results.json, results.md and the plots, from what is on disk."""
+  """results.json, results.md and the plots, from what is on disk. A claim with no runs in
+  `workdir` keeps its entry of the results.json there (with its `measured` commit and date),
+  so a report can combine claims measured in different sessions."""
   summary = {"written": datetime.datetime.now().isoformat(timespec="seconds"),
              "provenance": provenance.provenance(), "claims": {}}
+  earlier = earlier_entries(workdir)
+  stamp = {"commit": summary["provenance"]["commit"], "written": summary["written"]}
   for name, path in claims.items():
     module, _ = sweep.load_experiment(path)
-    summary["claims"][name] = summarize(name, module, storage.join(workdir, name))
+    entry = summarize(name, module, storage.join(workdir, name))
+    if entry["status"] == "not run" and name in earlier:
+      entry = earlier[name]
+    elif entry["status"] != "not run":
+      entry["measured"] = stamp
+    summary["claims"][name] = entry
   storage.write_text_atomic(storage.join(workdir, "results.json"),
                             json.dumps(summary, indent=2, default=str))
   storage.write_text_atomic(storage.join(workdir, "results.md"), markdown(summary))

@@ -12,10 +12,11 @@ Paper:    Yang et al. 2024, "Gated Delta Networks: Improving Mamba2 with Delta R
           Arora et al. 2023 (Zoology, linear attention's recall gap).
 Band:     recall accuracy of gated_deltanet >= linear + 0.15 on the mqar_recall claim's task,
           mean over seeds. Stated before the first run (the first draft named mqar/l64; it
-          follows mqar_recall to mqar/tiny, where softmax learns recall at this budget).
-Budget:   the mqar_recall claim's setting (experiments/reproductions/mqar_recall.py: mqar/tiny,
-          length 32 with 4 pairs, width 64, 2 layers, 1 head, 600 steps, lr 1e-2), the two
-          mechanisms only, with their default options (gated_deltanet: chunk 64, conv 4,
+          follows mqar_recall to mqar/tiny, where softmax learns recall at this budget, and
+          from there to mqar/l32, unchanged).
+Budget:   the mqar_recall claim's setting (experiments/reproductions/mqar_recall.py: mqar/l32,
+          length 32 with 4 pairs, 16,384 training problems, width 64, 2 layers, 1 head, 600
+          steps, lr 3e-3), the two mechanisms only, with their default options (gated_deltanet: chunk 64, conv 4,
           output gate, learned decay; linear: elu + 1 feature map).
 Found:    (2026-12-04, seed 0, shared 2-core CPU) fails: recall accuracy gated_deltanet
           0.117, linear 0.195 (softmax 0.984 in mqar_recall). Gated DeltaNet fits the 512
@@ -25,6 +26,8 @@ Found:    (2026-12-04, seed 0, shared 2-core CPU) fails: recall accuracy gated_d
           too few to test a recurrent model's recall; on l64 (8,192 problems) nothing learned
           within the CPU budget. The linear run is mqar_recall's (the same config and seed,
           copied into this claim's directory rather than recomputed; wall time counts GDN only).
+          (2026-12-05) With mqar_recall, the task became mqar/l32 (32 times as many training
+          problems, so memorizing is no longer a way to fit them); stated before its first run.
 Command:  python -m experiments.reproduce --only gdn_recall [--seeds 3]
 Hardware: a 2-core CPU: 2 runs per seed (measured times in the README's table).
 """
@@ -34,7 +37,7 @@ from experiments.reproductions import mqar_recall
 from launch import grid
 
 ORDER = 6
-TITLE = "MQAR recall: Gated DeltaNet vs linear attention (mqar/tiny, width 64)"
+TITLE = "MQAR recall: Gated DeltaNet vs linear attention (mqar/l32, width 64)"
 PAPER = "Yang et al. 2024 (Gated DeltaNet); Zoology"
 BAND = "gated_deltanet accuracy >= linear + 0.15 (mqar_recall's task)"
 SWEEP_METRIC = "accuracy"

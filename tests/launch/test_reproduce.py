@@ -83,6 +83,7 @@ def test_runner_runs_skips_resumes_and_reports(tmp_path, child_env, capsys):
   assert len(prov["commit"]) == 40 and prov["versions"]["jax"] and prov["versions"]["flax"]
   trains = results["claims"]["trains"]
   assert trains["status"] == "pass" and trains["wall_s"] > 0 and trains["plot"] == "trains.png"
+  assert trains["measured"] == {"commit": prov["commit"], "written": results["written"]}
   losses = {c["point"]["norm"]: c["stats"]["loss"] for c in trains["cells"]}
   assert sorted(losses) == ["layernorm", "rmsnorm"]
   for mean, std, n in losses.values():  # one seed: no std
@@ -131,6 +132,20 @@ def test_runner_runs_skips_resumes_and_reports(tmp_path, child_env, capsys):
   with open(os.path.join(work, "results.json")) as f:
     assert json.load(f)["claims"]["too_good"]["status"] == "fail"
   assert reproduce.main(["--claims_dir", claims, "--workdir", work, "--only", "nope"]) == 2
+
+  # Runs gone from the workdir (another session's): the report keeps the claims' entries,
+  # stamped with when they were measured; runs present again replace them.
+  with open(os.path.join(work, "results.json")) as f:
+    before = json.load(f)
+  shutil.move(os.path.join(work, "trains"), str(tmp_path / "elsewhere"))
+  assert reproduce.main([*argv, "--report"]) == 0
+  with open(os.path.join(work, "results.json")) as f:
+    after = json.load(f)
+  assert after["claims"]["trains"] == before["claims"]["trains"]
+  with open(os.path.join(work, "results.md")) as f:
+    table = f.read()
+  stamp = f"{before['written'][:10]}, `{before['provenance']['commit'][:7]}`"
+  assert f"| trains | none (test) | loss < 100.0 | **pass** |" in table and stamp in table
 
 
 def _cells(rows):

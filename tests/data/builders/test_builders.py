@@ -54,6 +54,21 @@ def test_mqar_answers_are_the_bound_values(data_dir):
       assert inputs[t + 1] == targets[t] if t + 1 < len(inputs) else True
 
 
+def test_mqar_l32_is_tiny_with_more_problems(data_dir):
+  def problems(name: str, split: str) -> set[bytes]:
+    return {r["inputs"].tobytes() + r["targets"].tobytes()
+            for r in _all(registry.open_source(name, split, data_dir))}
+
+  l32 = registry.get_builder("mqar/l32", data_dir)
+  assert {s: l32.info.splits[s].num_examples for s in ("train", "test")} == {
+    "train": 16_384, "test": 256}
+  for split in ("train", "test"):  # Same seeds, so tiny's problems are among l32's.
+    tiny, large = problems("mqar/tiny", split), problems("mqar/l32", split)
+    assert len(tiny) > 0.9 * {"train": 512, "test": 64}[split] and tiny <= large
+  # The rest are new problems: few repeat (a run of 600 x 64 rows cannot memorize them).
+  assert len(problems("mqar/l32", "train")) > 16_000
+
+
 def _evaluate(text: str) -> int:
   """An independent ListOps evaluator over the text form, with an explicit stack."""
   stack: list[list] = []

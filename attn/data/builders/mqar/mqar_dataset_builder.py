@@ -16,7 +16,9 @@ next-token prediction; `targets` is 0 wherever there is no loss (everything but 
 follows a query key). Ids 0/1/2 are pad/bos/eos and are never used, so the vocab is
 `vocab_size` including them (recorded in the metadata, read by the `ids` tokenizer).
 
-Configs (train/test examples): `tiny` (vocab 64, length 32, 4 pairs; 512/64), `l64` / `l128`
+Configs (train/test examples): `tiny` (vocab 64, length 32, 4 pairs; 512/64), `l32` (tiny's
+task with 16,384/256 problems, too many for a short run to memorize; its first 512 / 64 are
+tiny's, as both draw from the same seeds), `l64` / `l128`
 (vocab 256, length 64 / 128, 8 / 16 pairs; 8,192/256: a CPU-sized length grid), `default` (vocab
 8192, length 256, 16 pairs; 20,000/1,000), `long` (vocab 8192, length 1024, 64 pairs;
 20,000/1,000). Chance accuracy on the answers is 1 / number of values.
@@ -81,7 +83,9 @@ class Mqar(tfds.core.GeneratorBasedBuilder):
   BUILDER_CONFIGS = [
     MqarConfig(name="tiny", vocab_size=64, seq_len=32, num_kv_pairs=4, num_train=512,
                num_test=64),
-    # The reproduction's CPU-sized length grid (experiments/reproductions/mqar_recall.py).
+    # The reproductions' CPU-sized tasks (experiments/reproductions/mqar_recall.py).
+    MqarConfig(name="l32", vocab_size=64, seq_len=32, num_kv_pairs=4, num_train=16_384,
+               num_test=256),
     MqarConfig(name="l64", vocab_size=256, seq_len=64, num_kv_pairs=8, num_train=8_192,
                num_test=256),
     MqarConfig(name="l128", vocab_size=256, seq_len=128, num_kv_pairs=16, num_train=8_192,
