@@ -2,7 +2,7 @@
 before the run.
 
     python -m experiments.reproduce [--only NAME] [--seeds N] [--workdir runs/reproduce] \
-        [--parallel 1] [--report]          # or: make reproduce
+        [--parallel 1] [--report] [--merge OTHER/results.json]    # or: make reproduce
 
 Each claim is an experiment file in experiments/reproductions/ (its docstring: `Claim:`,
 `Paper:`, `Band:`, `Budget:`, `Command:`, `Hardware:`) with `get_config(arg)`, `get_sweep(arg)`,
@@ -23,9 +23,9 @@ normal trainer), under `<workdir>/<claim>/`, then writes into the workdir:
 Each claim's directory also gets launch.report's results.csv / results.md. A rerun skips the
 points that finished (summary.json present); a killed run resumes from its checkpoints (the
 trainer's contract). `--report` only rewrites the reports from what is on disk. A claim with
-no runs in the workdir keeps its entry of the results.json already there, with the commit and
-date it was measured at (`measured`), so claims run in different sessions or on different
-machines report together.
+no runs in the workdir keeps its entry of the results.json already there or of a file named by
+`--merge` (the latest of them), with the commit and date it was measured at (`measured`), so
+claims run in different sessions or on different machines report together.
 """
 
 from __future__ import annotations
@@ -260,25 +260,32 @@ def markdown(summary: dict[str, Any]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def earlier_entries(workdir: str) -> dict[str, dict[str, Any]]:
-  """The measured claims of the results.json already in `workdir`, each stamped with the commit
-  and date it was written at (a stamp it already carries is kept)."""
-  path = storage.join(workdir, "results.json")
-  if not storage.exists(path):
-    return {}
-  earlier = json.loads(storage.read_text(path))
-  stamp = {"commit": earlier["provenance"]["commit"], "written": earlier["written"]}
-  return {name: {**entry, "measured": entry.get("measured", stamp)}
-          for name, entry in earlier["claims"].items() if entry["status"] != "not run"}
+def earlier_entries(paths: Sequence[str]) -> dict[str, dict[str, Any]]:
+  """The measured claims of earlier results.json files (those that exist), each stamped with
+  the commit and date it was written at (a stamp it already carries is kept); where several
+  files measured a claim, the latest."""
+  entries: dict[str, dict[str, Any]] = {}
+  for path in paths:
+    if not storage.exists(path):
+      continue
+    earlier = json.loads(storage.read_text(path))
+    stamp = {"commit": earlier["provenance"]["commit"], "written": earlier["written"]}
+    for name, entry in earlier["claims"].items():
+      entry = {**entry, "measured": entry.get("measured", stamp)}
+      latest = entries.get(name, {}).get("measured", {}).get("written", "")
+      if entry["status"] != "not run" and entry["measured"]["written"] > latest:
+        entries[name] = entry
+  return entries
 
 
-def write_results(workdir: str, claims: dict[str, str]) -> dict[str, Any]:
+def write_results(workdir: str, claims: dict[str, str],
+                  merge: Sequence[str] = ()) -> dict[str, Any]:
   """results.json, results.md and the plots, from what is on disk. A claim with no runs in
-  `workdir` keeps its entry of the results.json there (with its `measured` commit and date),
-  so a report can combine claims measured in different sessions."""
+  `workdir` keeps its entry of the results.json there or of a `merge` file (another session's
+  or machine's), with its `measured` commit and date."""
   summary = {"written": datetime.datetime.now().isoformat(timespec="seconds"),
              "provenance": provenance.provenance(), "claims": {}}
-  earlier = earlier_entries(workdir)
+  earlier = earlier_entries([storage.join(workdir, "results.json"), *merge])
   stamp = {"commit": summary["provenance"]["commit"], "written": summary["written"]}
   for name, path in claims.items():
     module, _ = sweep.load_experiment(path)
@@ -331,6 +338,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                       help="a config override for every run")
   parser.add_argument("--timeout", type=float, default=None, help="seconds before a run is killed")
   parser.add_argument("--report", action="store_true", help="only rewrite the results")
+  parser.add_argument("--merge", action="append", default=[], metavar="RESULTS_JSON",
+                      help="another run's results.json: its claims with no runs here are "
+                           "reported from it (repeat for several)")
   parser.add_argument("--claims_dir", default=CLAIMS_DIR, help=argparse.SUPPRESS)
   return parser.parse_args(argv)
 
@@ -351,10 +361,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         outcome = run_claim(name, path, args.workdir, seeds=args.seeds, parallel=args.parallel,
                             extra=args.set, timeout=args.timeout)
       except KeyboardInterrupt:
-        write_results(args.workdir, claims)
+        write_results(args.workdir, claims, args.merge)
         return 130
       failed_runs += [f"{name}/{run}" for run, state in outcome.items() if state == "failed"]
-  summary = write_results(args.workdir, claims)
+  summary = write_results(args.workdir, claims, args.merge)
   print(storage.read_text(storage.join(args.workdir, "results.md")))
   if failed_runs:
     print(f"{len(failed_runs)} run(s) failed: {', '.join(failed_runs)}")

@@ -145,7 +145,18 @@ def test_runner_runs_skips_resumes_and_reports(tmp_path, child_env, capsys):
   with open(os.path.join(work, "results.md")) as f:
     table = f.read()
   stamp = f"{before['written'][:10]}, `{before['provenance']['commit'][:7]}`"
-  assert f"| trains | none (test) | loss < 100.0 | **pass** |" in table and stamp in table
+  assert "| trains | none (test) | loss < 100.0 | **pass** |" in table and stamp in table
+  # Another machine's results.json, written later: its entry is the one reported.
+  other = {**before, "written": "2099-01-01T00:00:00"}
+  other["claims"] = {"trains": {**before["claims"]["trains"], "detail": "measured elsewhere"}}
+  del other["claims"]["trains"]["measured"]
+  with open(tmp_path / "other.json", "w") as f:
+    json.dump(other, f)
+  assert reproduce.main([*argv, "--report", "--merge", str(tmp_path / "other.json")]) == 0
+  with open(os.path.join(work, "results.json")) as f:
+    merged = json.load(f)["claims"]["trains"]
+  assert merged["detail"] == "measured elsewhere" and merged["measured"] == {
+      "commit": before["provenance"]["commit"], "written": "2099-01-01T00:00:00"}
 
 
 def _cells(rows):
