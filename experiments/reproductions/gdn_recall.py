@@ -28,6 +28,11 @@ Found:    (2026-12-04, seed 0, shared 2-core CPU) fails: recall accuracy gated_d
           copied into this claim's directory rather than recomputed; wall time counts GDN only).
           (2026-12-05) With mqar_recall, the task became mqar/l32 (32 times as many training
           problems, so memorizing is no longer a way to fit them); stated before its first run.
+          Measured there (3 seeds, idle 2-core CPU, 6.7 min with 2 runs at a time): passes.
+          Gated DeltaNet 1.000 ± 0.000 (0.975-0.999 by step 300 at every seed; a little later
+          than softmax's step 200), linear 0.238 ± 0.021 (its runs are computed again here, the
+          same config and seeds as mqar_recall's and the same numbers). So the tiny-task
+          failure was memorization of 512 problems, not a gap in the delta rule.
 Command:  python -m experiments.reproduce --only gdn_recall [--seeds 3]
 Hardware: a 2-core CPU: 2 runs per seed (measured times in the README's table).
 """

@@ -293,9 +293,7 @@ def test_map_measures_against_loops():
 # Claims measured outside their band here (README "Reproductions", the files' `Found:`); they stay
 # in the suite so that a fix shows up as XPASS.
 MEASURED_OUTSIDE_BAND = {
-    "mqar_recall": "softmax learns recall at 2 of 3 seeds (0.98) and memorizes at seed 2 (0.23)",
     "mechanisms_lm": "sigmoid trails softmax by 0.26 bits/byte after 300 steps (band 0.15)",
-    "gdn_recall": "Gated DeltaNet memorizes mqar/tiny's 512 problems (eval 0.117, linear 0.195)",
     "gated_sink": "the 2-layer softmax LM has no first-token sink to remove (mass 0.011)",
     "differential_sparsity": "differential's maps hold less of their absolute mass in the top 8 "
                              "keys than softmax's (0.588 vs 0.683)",
