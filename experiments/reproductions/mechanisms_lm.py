@@ -26,11 +26,19 @@ Found:    (2026-12-04, seed 0, shared 2-core CPU) fails on one of its seven poin
           stabilizers (hybrid norm / LayerScale), not after 300 steps of a 4-layer model. One
           seed: the ordering below sigmoid is clear, the sinks / cosine / local spread (0.04)
           is within what a seed moves here.
+          (2026-12-05, 3 seeds, idle 2-core CPU, 36.8 min with 2 runs at a time) fails on the
+          same point: local 3.425 ± 0.096, cosine 3.457 ± 0.119, sinks 3.459 ± 0.081, softmax
+          3.463 ± 0.113, sigmoid 3.664 ± 0.057, performer 3.752 ± 0.032, linear 3.801 ± 0.014.
+          Sigmoid trails softmax by 0.20 on the mean (0.26 / 0.22 / 0.13 per seed: one seed of
+          three inside 0.15); performer and linear trail by 0.29 / 0.34 (>= 0.10 at every seed);
+          sinks, cosine and local are within 0.04 of softmax, less than the seed-to-seed spread
+          of one mechanism (softmax 3.34 to 3.56). Seed 0 repeats 2026-12-04 to the third digit.
 Command:  python -m experiments.reproduce --only mechanisms_lm [--seeds 3]
           (the same runs: python -m launch.sweep
           --config experiments/attention_ablation.py:steps=300 --filter attention=NAME, for
           each of the seven)
-Hardware: a 2-core CPU: 7 runs per seed, ~2.5-3 min each on an idle machine.
+Hardware: a 2-core CPU: 7 runs per seed, ~2.5-3 min each on an idle machine (~5 min each
+          with 2 at a time).
 """
 
 import math

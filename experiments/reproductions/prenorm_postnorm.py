@@ -25,9 +25,13 @@ Found:    (2026-12-04, first budget) does not reproduce at 2 layers (size `tiny`
           seed 0, shared 2-core CPU) it reproduces: without warmup Pre-LN 2.393, Post-LN 3.131
           (gap 0.74 >= 0.10); with warmup 2.316 / 2.350 (gap 0.03 < 0.37). One seed: the
           session's CPU time went to the other claims (a seed is ~15-20 min here).
+          (2026-12-05, 3 seeds, idle 2-core CPU, 17.7 min with 2 runs at a time) passes:
+          without warmup Pre-LN 2.434 ± 0.039, Post-LN 3.182 ± 0.094 (gap 0.75, every seed
+          above 3.1); with warmup 2.400 ± 0.078 / 2.404 ± 0.073 (gap 0.004). Seed 0 gives the
+          2026-12-04 numbers to the last digit.
 Command:  python -m experiments.reproduce --only prenorm_postnorm [--seeds 3]
-Hardware: a 2-core CPU: 4 runs per seed, ~1-2 min each on an idle machine (measured numbers in
-          the README's table).
+Hardware: a 2-core CPU: 4 runs per seed, ~3 min each with 2 at a time on an idle machine
+          (measured numbers in the README's table).
 """
 
 import math

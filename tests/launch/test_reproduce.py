@@ -293,7 +293,8 @@ def test_map_measures_against_loops():
 # Claims measured outside their band here (README "Reproductions", the files' `Found:`); they stay
 # in the suite so that a fix shows up as XPASS.
 MEASURED_OUTSIDE_BAND = {
-    "mechanisms_lm": "sigmoid trails softmax by 0.26 bits/byte after 300 steps (band 0.15)",
+    "mechanisms_lm": "sigmoid trails softmax by 0.20 bits/byte after 300 steps at 3 seeds "
+                     "(band 0.15)",
     "gated_sink": "the 2-layer softmax LM has no first-token sink to remove (mass 0.011)",
     "differential_sparsity": "differential's maps hold less of their absolute mass in the top 8 "
                              "keys than softmax's (0.588 vs 0.683)",
