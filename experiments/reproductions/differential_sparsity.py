@@ -29,8 +29,12 @@ Found:    (2026-12-04, seed 0, shared 2-core CPU) fails: top-8 share softmax 0.6
           (negative entries just off the diagonal), which spreads absolute mass instead of
           cancelling noise. Ye et al.'s noise cancellation is measured on retrieval from long
           contexts in 3B+ models; a 2-layer byte LM has little long-range "noise" to cancel.
+          (2026-12-05, 3 seeds, idle 2-core CPU, 9.5 min with 2 runs at a time) fails at every
+          seed: top-8 share softmax 0.683 / 0.707 / 0.698 (0.696 ± 0.012), differential 0.588 /
+          0.673 / 0.717 (0.659 ± 0.066); noise mass 0.304 vs 0.341 on the mean, and at the
+          seed where differential is the sparser (0.283 vs 0.302) it is far from half.
 Command:  python -m experiments.reproduce --only differential_sparsity [--seeds 3]
-Hardware: a 2-core CPU: 2 runs per seed, ~1-2 min each on an idle machine.
+Hardware: a 2-core CPU: 2 runs per seed, ~3 min each with 2 at a time on an idle machine.
 """
 
 

@@ -26,8 +26,11 @@ Found:    (2026-12-04, seeds 0 and 1, shared 2-core CPU) fails, for want of a si
           small byte LM's are. Qiu et al.'s sinks
           come with depth and long training (their baseline's first-token share is 46.7%); a
           deeper / longer budget than a 2-core CPU gives is the next step.
+          (2026-12-05, 3 seeds, idle 2-core CPU, 9.2 min with 2 runs at a time) the same:
+          first-token mass softmax 0.012 / 0.010 / 0.012, gated 0.013 / 0.010 / 0.010 (means
+          0.011 ± 0.001 for both); seeds 0 and 1 repeat 2026-12-04.
 Command:  python -m experiments.reproduce --only gated_sink [--seeds 3]
-Hardware: a 2-core CPU: 2 runs per seed, ~1-2 min each on an idle machine.
+Hardware: a 2-core CPU: 2 runs per seed, ~3 min each with 2 at a time on an idle machine.
 """
 
 

@@ -26,6 +26,9 @@ Found:    (3 seeds, 2026-12-04, shared 2-core CPU) eval loss LayerNorm 2.593 ± 
           learning rate decays (plot), i.e. eval's running averages lag the batches the model
           was trained on, Shen et al.'s mechanism. No CV baseline was run beside it (the
           paper's contrast is a ResNet on CIFAR-10).
+          (2026-12-05, 3 seeds, idle 2-core CPU, 2.4 min with 2 runs at a time) the same
+          numbers to the last digit (LayerNorm 2.556 / 2.610 / 2.612, BatchNorm 2.907 / 2.908 /
+          3.078).
 Command:  python -m experiments.reproduce --only layernorm_batchnorm [--seeds 3]
 Hardware: a 2-core CPU: 2 runs per seed, under a minute each on an idle machine.
 """
