@@ -24,8 +24,10 @@ Each claim's directory also gets launch.report's results.csv / results.md. A rer
 points that finished (summary.json present); a killed run resumes from its checkpoints (the
 trainer's contract). `--report` only rewrites the reports from what is on disk. A claim with
 no runs in the workdir keeps its entry of the results.json already there or of a file named by
-`--merge` (the latest of them), with the commit and date it was measured at (`measured`), so
-claims run in different sessions or on different machines report together.
+`--merge` (the latest of them), with the date and commit of the report that measured it
+(`measured`), so claims run in different sessions or on different machines report together;
+results.md's "measured" column shows that date and the commits the claim's runs trained at
+(`run_commits`, from each run's summary.json).
 """
 
 from __future__ import annotations
@@ -196,6 +198,7 @@ def summarize(name: str, module: ModuleType, claim_dir: str) -> dict[str, Any]:
   metrics = report.metric_names(results, module.SWEEP_METRIC)
   cells = cells_of(results, metrics, claim_dir)
   entry["status"], entry["detail"] = verdict(module.check, cells)
+  entry["run_commits"] = sorted({r.commit for r in results if r.status == "done" and r.commit})
   entry["cells"] = [{"point": c.point, "runs": c.runs, "done": c.done, "failed": c.failed,
                      "stats": {k: [nan_to_none(m), s, n] for k, (m, s, n) in c.stats.items()}}
                     for c in cells]
@@ -238,8 +241,10 @@ def markdown(summary: dict[str, Any]) -> str:
            "|---|---|---|---|---|---|---|"]
   for name, c in summary["claims"].items():
     wall = "-" if c["wall_s"] is None else f"{c['wall_s'] / 60:.1f} min"
-    measured = c.get("measured")
-    when = f"{measured['written'][:10]}, `{(measured['commit'] or '?')[:7]}`" if measured else "-"
+    when = "-"
+    if measured := c.get("measured"):
+      commits = c.get("run_commits") or [measured["commit"] or "?"]
+      when = f"{measured['written'][:10]}, " + " ".join(f"`{x[:7]}`" for x in commits)
     lines.append(f"| {name} | {c['paper']} | {c['band']} | **{c['status']}** | {c['detail']} | "
                  f"{wall} | {when} |")
   for name, c in summary["claims"].items():

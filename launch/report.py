@@ -41,6 +41,7 @@ class RunResult:
   step: int | None = None
   metrics: dict[str, float] = dataclasses.field(default_factory=dict)
   error: str | None = None
+  commit: str | None = None  # the git commit the run trained at (its summary's provenance)
 
 
 @dataclasses.dataclass
@@ -95,6 +96,7 @@ def collect(workdir: str) -> list[RunResult]:
       result.status, result.error = "failed", damage
     elif summary is not None:
       result.status, result.step = "done", summary.get("step")
+      result.commit = summary.get("provenance", {}).get("commit")
       result.metrics = {k: v for k, v in summary.get("metrics", {}).items()
                         if isinstance(v, (int, float))}
       for key in EXTRA_COLUMNS:

@@ -37,8 +37,8 @@ Command:  python -m experiments.reproduce --only mechanisms_lm [--seeds 3]
           (the same runs: python -m launch.sweep
           --config experiments/attention_ablation.py:steps=300 --filter attention=NAME, for
           each of the seven)
-Hardware: a 2-core CPU: 7 runs per seed, ~2.5-3 min each on an idle machine (~5 min each
-          with 2 at a time).
+Hardware: a 2-core CPU: 7 runs per seed, ~2.5-3.5 min each with 2 at a time on an idle
+          machine (~11-13 min a seed).
 """
 
 import math

@@ -84,6 +84,7 @@ def test_runner_runs_skips_resumes_and_reports(tmp_path, child_env, capsys):
   trains = results["claims"]["trains"]
   assert trains["status"] == "pass" and trains["wall_s"] > 0 and trains["plot"] == "trains.png"
   assert trains["measured"] == {"commit": prov["commit"], "written": results["written"]}
+  assert trains["run_commits"] == [prov["commit"]]  # each run's summary.json provenance
   losses = {c["point"]["norm"]: c["stats"]["loss"] for c in trains["cells"]}
   assert sorted(losses) == ["layernorm", "rmsnorm"]
   for mean, std, n in losses.values():  # one seed: no std
