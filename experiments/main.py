@@ -7,7 +7,9 @@ Relaunching the same command resumes from the workdir's latest checkpoint (a fin
 nothing). Multi-host: every host runs this same command (see attn.train.distributed).
 """
 
+import ctypes
 import os
+import signal
 import sys
 
 import jax
@@ -16,6 +18,7 @@ from ml_collections import config_flags
 
 from attn import data, train
 from attn.train import distributed, metrics, workdir_lock
+from launch import report, sweep
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Experiment file with get_config(arg), e.g. experiments/default.py:runlocal.",
@@ -27,9 +30,23 @@ _ALLOW_CHANGE = flags.DEFINE_bool(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def stop_with_launcher() -> None:
+  """Under a sweep (sweep.LAUNCHER_PID_ENV set; Linux), asks the kernel for a SIGTERM when the sweep
+  dies, however it dies (kill -9, a closed terminal): the run then saves and stops, as on any
+  SIGTERM, instead of training on unwatched and holding its workdir against the relaunch."""
+  launcher = os.environ.get(sweep.LAUNCHER_PID_ENV)
+  if not launcher or not sys.platform.startswith("linux"):
+    return
+  pr_set_pdeathsig = 1  # <linux/prctl.h>
+  ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+  if os.getppid() != int(launcher):  # The sweep died before the call above.
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  stop_with_launcher()
   config = _CONFIG.value
   logging.set_verbosity(logging.WARNING)  # Orbax logs every step of every save at INFO.
   distributed.maybe_initialize(config.train.heartbeat_timeout_s)
@@ -40,6 +57,9 @@ def main(argv: list[str]) -> None:
     sys.exit(f"Config error: {e}")  # Exit status 1, no traceback: the message names the fix.
   except (workdir_lock.WorkdirBusyError, workdir_lock.LockLostError) as e:
     sys.exit(str(e))
+  except train.NonFiniteError as e:  # A result, not a crash: sweeps report the run as diverged.
+    print(f"Diverged: {e}", file=sys.stderr, flush=True)
+    sys.exit(report.DIVERGED_EXIT_STATUS)
   except KeyboardInterrupt:
     # The lock is released and saves are finished by now. Leave without the interpreter's
     # teardown, which can crash while XLA's compile threads are still running (a first

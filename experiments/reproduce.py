@@ -63,12 +63,23 @@ class Cell:
   runs: int
   done: int
   stats: dict[str, tuple[float, float | None, int]]
-  failed: int = 0  # runs that exited with an error (a diverged run, a bad config)
+  failed: int = 0  # runs that exited with an error: diverged, or crashed / timed out / refused
+  diverged: int = 0  # the failed runs whose training diverged (a result: the setting fails)
   dirs: list[str] = dataclasses.field(default_factory=list)  # the finished runs' directories
 
   def mean(self, metric: str) -> float:
     """The metric's mean over seeds; NaN when no seed finished."""
     return self.stats.get(metric, (math.nan, None, 0))[0]
+
+  @property
+  def all_diverged(self) -> bool:
+    """Every run of the variant diverged: a claim may count it as worse than any number."""
+    return self.runs > 0 and self.diverged == self.runs
+
+  @property
+  def unfinished(self) -> int:
+    """Runs with no result: pending, interrupted, or failed without diverging."""
+    return self.runs - self.done - self.diverged
 
 
 class Cells(list):
@@ -84,9 +95,9 @@ class Cells(list):
 
   def text(self, metric: str, *, inf: bool = False, **where: Any) -> str:
     """"mean ± std (n)" of the metric over seeds, for a check's detail ("-" when missing;
-    "diverged" with inf=True when every run of the variant failed)."""
+    "diverged" with inf=True when every run of the variant diverged)."""
     cell = self.find(**where)
-    if cell is not None and inf and cell.runs and cell.failed == cell.runs:
+    if cell is not None and inf and cell.all_diverged:
       return "diverged"
     mean, std, n = (math.nan, None, 0) if cell is None else cell.stats.get(metric,
                                                                             (math.nan, None, 0))
@@ -120,16 +131,19 @@ def cells_of(results: Sequence[report.RunResult], metrics: Sequence[str],
   """Groups runs by variant: each variant's point and its stats (launch.report.aggregate)."""
   points: dict[str, dict[str, Any]] = {}
   failed: dict[str, int] = {}
+  diverged: dict[str, int] = {}
   dirs: dict[str, list[str]] = {}
   for r in results:
     points.setdefault(r.variant, {k.removeprefix(grid.ARG_PREFIX): v
                                   for k, v in r.overrides.items() if k != grid.SEED_KEY})
     failed[r.variant] = failed.get(r.variant, 0) + (r.status == "failed")
+    diverged[r.variant] = diverged.get(r.variant, 0) + (r.status == "failed" and r.diverged)
     dirs.setdefault(r.variant, [])
     if r.status == "done":
       dirs[r.variant].append(storage.join(claim_dir, r.name))
   return Cells(Cell(points[v.variant], v.runs, v.done, v.stats, failed[v.variant],
-                    dirs[v.variant]) for v in report.aggregate(results, metrics))
+                    diverged[v.variant], dirs[v.variant])
+               for v in report.aggregate(results, metrics))
 
 
 MEASURES_FILE = "measures.json"
@@ -157,10 +171,18 @@ def add_measures(module: ModuleType, claim_dir: str,
 
 
 def verdict(check: Callable[[Cells], tuple[str, str]], cells: Cells) -> tuple[str, str]:
-  """The claim's check; a check that finds a number missing (NaN) says incomplete."""
+  """The claim's check, incomplete while a planned run has no result (pending, interrupted, or
+  failed without diverging: a crash, a timeout, a bad override), whatever the finished seeds
+  say; a check that finds a number missing (NaN) says incomplete too."""
   status, detail = check(cells)
   if status not in (PASS, FAIL, INCOMPLETE):
     raise ValueError(f"check() returned status {status!r}; expected pass, fail or incomplete.")
+  unfinished = sum(c.unfinished for c in cells)
+  if unfinished:
+    crashed = sum(c.failed - c.diverged for c in cells)
+    status = INCOMPLETE
+    detail += (f" [{unfinished} run(s) without a result"
+               + (f", {crashed} of them failed (see their error.json)" if crashed else "") + "]")
   return status, detail
 
 
@@ -200,6 +222,7 @@ def summarize(name: str, module: ModuleType, claim_dir: str) -> dict[str, Any]:
   entry["status"], entry["detail"] = verdict(module.check, cells)
   entry["run_commits"] = sorted({r.commit for r in results if r.status == "done" and r.commit})
   entry["cells"] = [{"point": c.point, "runs": c.runs, "done": c.done, "failed": c.failed,
+                     "diverged": c.diverged,
                      "stats": {k: [nan_to_none(m), s, n] for k, (m, s, n) in c.stats.items()}}
                     for c in cells]
   times = storage.join(claim_dir, TIMES_FILE)
@@ -331,9 +354,16 @@ def run_claim(name: str, path: str, workdir: str, *, seeds: int | None, parallel
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(prog="python -m experiments.reproduce",
-                                   description=__doc__.split("\n")[0])
-  parser.add_argument("--workdir", default="runs/reproduce")
+  parser = argparse.ArgumentParser(
+      prog="python -m experiments.reproduce",
+      description=" ".join(__doc__.split("\n\n")[0].split()),
+      epilog="Exit status: 0 when every chosen claim has its verdict (pass or fail: a claim "
+             "outside its band is a result); 1 when a run failed without diverging (a crash, a "
+             "timeout, a bad --set) or a claim is incomplete; 2 for bad arguments; 130 when "
+             "stopped (relaunch the same command to resume).")
+  parser.add_argument("--workdir", default="runs/reproduce",
+                      help="one folder per claim, results.json / results.md / <claim>.png "
+                           "(default: %(default)s; a gs:// URL works too)")
   parser.add_argument("--only", action="append", default=[], metavar="NAME",
                       help="run only this claim; repeat for several")
   parser.add_argument("--seeds", type=int, default=None,
@@ -347,11 +377,34 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                       help="another run's results.json: its claims with no runs here are "
                            "reported from it (repeat for several)")
   parser.add_argument("--claims_dir", default=CLAIMS_DIR, help=argparse.SUPPRESS)
-  return parser.parse_args(argv)
+  args = parser.parse_args(argv)
+  for flag, value in (("--seeds", args.seeds), ("--parallel", args.parallel),
+                      ("--timeout", args.timeout)):
+    if value is not None and value <= 0:
+      parser.error(f"{flag} must be > 0, got {value:g}")
+  for path in args.merge:
+    _check_merge_file(parser, path)
+  return args
+
+
+def _check_merge_file(parser: argparse.ArgumentParser, path: str) -> None:
+  """A --merge file must be an experiments.reproduce results.json: refused before anything runs."""
+  if not storage.exists(path):
+    parser.error(f"--merge {path}: no such file (another run's <workdir>/results.json)")
+  try:
+    merged = json.loads(storage.read_text(path))
+    ok = (isinstance(merged, dict) and isinstance(merged.get("claims"), dict)
+          and "commit" in merged.get("provenance", {}) and "written" in merged)
+  except ValueError as e:
+    parser.error(f"--merge {path}: not JSON ({e})")
+  if not ok:
+    parser.error(f"--merge {path}: not a results.json of experiments.reproduce (it needs "
+                 "'written', 'provenance.commit' and 'claims')")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """Runs the claims; returns 1 if a run failed or a finished claim is outside its band."""
+  """Runs the claims; returns 1 if a run failed without diverging or a chosen claim is
+  incomplete, else 0 (pass or fail: the verdict is in results.md); 2 for bad arguments."""
   args = parse_args(sys.argv[1:] if argv is None else argv)
   claims = claim_files(args.claims_dir)
   unknown = sorted(set(args.only) - set(claims))
@@ -372,9 +425,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   summary = write_results(args.workdir, claims, args.merge)
   print(storage.read_text(storage.join(args.workdir, "results.md")))
   if failed_runs:
-    print(f"{len(failed_runs)} run(s) failed: {', '.join(failed_runs)}")
-  failed = [n for n in chosen if summary["claims"][n]["status"] == FAIL]
-  return 1 if failed_runs or failed else 0
+    print(f"{len(failed_runs)} run(s) exited with an error (a diverged run is a result; the "
+          f"others are in 'incomplete' below; see <run>/error.json): {', '.join(failed_runs)}")
+  incomplete = [n for n in chosen if summary["claims"][n]["status"] == INCOMPLETE]
+  if incomplete:
+    print(f"Incomplete (a run has no result yet): {', '.join(incomplete)}; relaunch the same "
+          "command to finish them.")
+  return 1 if incomplete else 0
 
 
 if __name__ == "__main__":

@@ -29,6 +29,11 @@ HIGHER_IS_BETTER = ("accuracy", "bleu", "chrf", "tokens_per_second", "mfu")
 EXTRA_COLUMNS = ("train_loss", "tokens_per_second")
 
 
+# experiments.main's exit status when training diverged (a non-finite loss or gradient norm):
+# a result (the setting does not train), where any other failure is an error (a bad config, a
+# crash, a timeout) that leaves the run without one.
+DIVERGED_EXIT_STATUS = 3
+
 @dataclasses.dataclass
 class RunResult:
   """One run as the report sees it."""
@@ -41,6 +46,7 @@ class RunResult:
   step: int | None = None
   metrics: dict[str, float] = dataclasses.field(default_factory=dict)
   error: str | None = None
+  diverged: bool = False  # failed because training diverged (DIVERGED_EXIT_STATUS)
   commit: str | None = None  # the git commit the run trained at (its summary's provenance)
 
 
@@ -103,8 +109,9 @@ def collect(workdir: str) -> list[RunResult]:
         if isinstance(summary.get(key), (int, float)):
           result.metrics[key] = summary[key]
     elif storage.exists(error_path):
-      result.status = "failed"
-      result.error = json.loads(storage.read_text(error_path)).get("error")
+      error = json.loads(storage.read_text(error_path))
+      result.status, result.error = "failed", error.get("error")
+      result.diverged = error.get("returncode") == DIVERGED_EXIT_STATUS
     elif storage.isdir(storage.join(run_dir, "checkpoints")):
       result.status = "interrupted"
     results.append(result)

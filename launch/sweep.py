@@ -59,6 +59,8 @@ from launch import devices, grid, report
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLAN_FILE = "sweep.json"
 ERROR_FILE = "error.json"
+# The sweep's pid, in its children's environment: experiments.main stops when it dies.
+LAUNCHER_PID_ENV = "ATTN_LAUNCHER_PID"
 LOG_FILE = "log.txt"
 # Children log to files; a progress bar there is only carriage returns.
 QUIET = ("train.progress_bar=False",)
@@ -307,7 +309,8 @@ def execute(spec: str, workdir: str, runs: Sequence[Run], *, parallel: int = 1,
   if outcome:
     echo(f"{len(outcome)} finished run(s) skipped; {len(todo)} to run.")
   active: dict[str, tuple[subprocess.Popen, float, list[str], Any, int]] = {}
-  env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+  # The children stop (SIGTERM: save, exit) when this process dies, however it dies.
+  env = {**os.environ, "PYTHONUNBUFFERED": "1", LAUNCHER_PID_ENV: str(os.getpid())}
   gpus, chips = devices.accelerators(parallel)
   previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
   total, started = len(todo), 0

@@ -276,9 +276,11 @@ def _log_train(pending: list[tuple[int, dict[str, jax.Array]]],
   pending.clear()
   for s, m in fetched:
     if not (math.isfinite(float(m["loss"])) and math.isfinite(float(m["grad_norm"]))):
+      latest = ckpt.latest_step()
       raise NonFiniteError(
         f"Non-finite loss ({float(m['loss'])}) or gradient norm ({float(m['grad_norm'])}) at "
-        f"step {s}; no checkpoint was written after step {ckpt.latest_step()}. Lower "
+        f"step {s}; " + ("no checkpoint was written" if latest is None else
+                         f"no checkpoint was written after step {latest}") + ". Lower "
         "optim.learning_rate, raise optim.warmup_steps or check the data."
       )
   window = {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[-1][1]}

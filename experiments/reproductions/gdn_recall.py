@@ -16,8 +16,9 @@ Band:     recall accuracy of gated_deltanet >= linear + 0.15 on the mqar_recall 
           from there to mqar/l32, unchanged).
 Budget:   the mqar_recall claim's setting (experiments/reproductions/mqar_recall.py: mqar/l32,
           length 32 with 4 pairs, 16,384 training problems, width 64, 2 layers, 1 head, 600
-          steps, lr 3e-3), the two mechanisms only, with their default options (gated_deltanet: chunk 64, conv 4,
-          output gate, learned decay; linear: elu + 1 feature map).
+          steps, lr 3e-3), the two mechanisms only, with their default options
+          (gated_deltanet: chunk 64, conv 4, output gate, learned decay; linear: elu + 1 feature
+          map).
 Found:    (2026-12-04, seed 0, shared 2-core CPU) fails: recall accuracy gated_deltanet
           0.117, linear 0.195 (softmax 0.984 in mqar_recall). Gated DeltaNet fits the 512
           training problems (train loss 0.09 at step 300) while its eval loss rises (6.6 at step

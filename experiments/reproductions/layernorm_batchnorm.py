@@ -66,7 +66,7 @@ def get_sweep(arg: str | None = None) -> list[grid.Point]:
 
 def check(cells) -> tuple[str, str]:
   batch = cells.find(norm="batchnorm")
-  diverged = batch is not None and batch.runs and batch.failed == batch.runs
+  diverged = batch is not None and batch.all_diverged
   ln = cells.mean("loss", norm="layernorm")
   bn = math.inf if diverged else cells.mean("loss", norm="batchnorm")
   detail = (f"layernorm {cells.text('loss', norm='layernorm')}, "

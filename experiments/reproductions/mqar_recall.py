@@ -18,8 +18,9 @@ Budget:   mqar/l32 (vocab 64, length 32, 4 pairs: mqar/tiny's task, with 16,384 
           64 rows, AdamW lr 3e-3 (1e-2 on mqar/tiny), 60 warmup steps, cosine decay, the
           project's model defaults (N(0, 1) embeddings, RoPE, tied): on mqar/tiny the setting
           under which the README's MQAR-defaults study saw softmax learn recall (0.98 at 2
-          seeds); the task and learning rate from the probes in Found:. The paper's grid (widths 64-512,
-          lengths 64-512, vocab 8192, ~100k training problems) is far beyond a 2-core CPU.
+          seeds); the task and learning rate from the probes in Found:. The paper's grid (widths
+          64-512, lengths 64-512, vocab 8192, ~100k training problems) is far beyond a 2-core
+          CPU.
 Found:    (2026-12-04) The first budget (mqar/l64 and l128, 4 heads, lr 1e-2, 800 steps,
           flax-style N(0, 1/64) embeddings, learned positions, untied) left softmax at 0.181
           on l64 (1 seed, loaded machine). A single-seed probe on l64 with the defaults, 4

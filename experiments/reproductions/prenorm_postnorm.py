@@ -58,9 +58,9 @@ def get_sweep(arg: str | None = None) -> list[grid.Point]:
 
 
 def _loss(cells, **where) -> float:
-  """The eval loss; +inf for a variant whose every run failed (diverged)."""
+  """The eval loss; +inf for a variant whose every run diverged."""
   cell = cells.find(**where)
-  if cell is not None and cell.runs and cell.failed == cell.runs:
+  if cell is not None and cell.all_diverged:
     return math.inf
   return cells.mean("loss", **where)
 

@@ -127,12 +127,27 @@ def test_runner_runs_skips_resumes_and_reports(tmp_path, child_env, capsys):
   with open(os.path.join(run_dir, reproduce.MEASURES_FILE)) as f:  # so it was measured again
     assert json.load(f)["measures"] == {"train_records": records}
 
-  # The same runs against a band they miss: fail, and the exit status says so.
+  # The same runs against a band they miss: fail, a verdict like pass (exit status 0).
   shutil.copytree(os.path.join(work, "trains"), os.path.join(work, "too_good"))
-  assert reproduce.main([*argv[:-3], "too_good"]) == 1
+  assert reproduce.main([*argv[:-3], "too_good"]) == 0
   with open(os.path.join(work, "results.json")) as f:
     assert json.load(f)["claims"]["too_good"]["status"] == "fail"
   assert reproduce.main(["--claims_dir", claims, "--workdir", work, "--only", "nope"]) == 2
+
+  # A run that crashes (here a bad override) is no result: the claim is incomplete, exit 1,
+  # even though its other run finished and alone would pass the band.
+  crash = str(tmp_path / "crash")
+  shutil.copytree(os.path.join(work, "trains"), os.path.join(crash, "trains"))
+  shutil.rmtree(os.path.join(crash, "trains", "norm=rmsnorm"))
+  capsys.readouterr()
+  assert reproduce.main(["--claims_dir", claims, "--workdir", crash, "--only", "trains",
+                         "--set", "model.no_such_field=1"]) == 1
+  out = capsys.readouterr().out
+  assert "failed norm=rmsnorm" in out and "Incomplete (a run has no result yet): trains" in out
+  with open(os.path.join(crash, "results.json")) as f:
+    crashed = json.load(f)["claims"]["trains"]
+  assert crashed["status"] == "incomplete" and crashed["detail"].endswith(
+      "[1 run(s) without a result, 1 of them failed (see their error.json)]")
 
   # Runs gone from the workdir (another session's): the report keeps the claims' entries,
   # stamped with when they were measured; runs present again replace them.
@@ -161,11 +176,12 @@ def test_runner_runs_skips_resumes_and_reports(tmp_path, child_env, capsys):
 
 
 def _cells(rows):
-  """Cells from (point, {metric: mean}, failed) rows, 1 seed each."""
+  """Cells from (point, {metric: mean}, diverged) rows, 1 seed each."""
   return reproduce.Cells(
-      reproduce.Cell(point, 1, 0 if failed else 1,
-                     {} if failed else {k: (v, None, 1) for k, v in metrics.items()}, int(failed))
-      for point, metrics, failed in rows)
+      reproduce.Cell(point, 1, 0 if diverged else 1,
+                     {} if diverged else {k: (v, None, 1) for k, v in metrics.items()},
+                     failed=int(diverged), diverged=int(diverged))
+      for point, metrics, diverged in rows)
 
 
 def _claim(name):
@@ -187,6 +203,28 @@ def test_cells_lookup_and_missing_values():
   assert means is None and detail == "loss: one 2.000 (n=1), two -"  # a=2 has no value
   means, detail = cells.compare("loss", {1: "one"}, key="a")
   assert means == {1: 2.0} and detail == "one 2.000 (n=1)"
+
+
+def test_a_run_without_a_result_makes_the_claim_incomplete():
+  """Only a diverged run counts as worse; a crash, a timeout or a missing seed leaves the claim
+  without a verdict, whatever the runs that finished say."""
+  check = _claim("layernorm_batchnorm").check
+  ln = reproduce.Cell({"norm": "layernorm"}, 1, 1, {"loss": (2.0, None, 1)})
+  diverged = reproduce.Cell({"norm": "batchnorm"}, 1, 0, {}, failed=1, diverged=1)
+  assert reproduce.verdict(check, reproduce.Cells([ln, diverged])) == (
+      "pass", "layernorm 2.000 (n=1), batchnorm diverged")
+  crashed = reproduce.Cell({"norm": "batchnorm"}, 1, 0, {}, failed=1)
+  assert not crashed.all_diverged
+  status, detail = reproduce.verdict(check, reproduce.Cells([ln, crashed]))
+  assert status == "incomplete" and detail == (
+      "layernorm 2.000 (n=1), batchnorm - [1 run(s) without a result, 1 of them failed (see "
+      "their error.json)]")
+  # Two of three seeds finished (one pending): the check passes on them, the verdict waits.
+  two_of_three = reproduce.Cell({"norm": "batchnorm"}, 3, 2, {"loss": (2.5, 0.1, 2)})
+  assert check(reproduce.Cells([ln, two_of_three]))[0] == "pass"
+  assert reproduce.verdict(check, reproduce.Cells([ln, two_of_three])) == (
+      "incomplete", "layernorm 2.000 (n=1), batchnorm 2.500 ± 0.100 (n=2) [1 run(s) without a "
+      "result]")
 
 
 def _mqar(mha, linear, local):
@@ -227,7 +265,7 @@ def test_other_bands():
   norm = lambda bn, failed=False: _cells([({"norm": "layernorm"}, {"loss": 2.0}, False),  # noqa: E731
                                           ({"norm": "batchnorm"}, {"loss": bn}, failed)])
   assert ln_bn(norm(2.1))[0] == "pass" and ln_bn(norm(2.01))[0] == "fail"
-  assert ln_bn(norm(0.0, failed=True))[0] == "pass"
+  assert ln_bn(norm(0.0, failed=True))[0] == "pass"  # diverged: worse than any loss
   listops = _claim("listops").check
   assert listops(_cells([({"attention": "mha"}, {"accuracy": 0.37}, False)]))[0] == "pass"
   assert listops(_cells([({"attention": "mha"}, {"accuracy": 0.17}, False)]))[0] == "fail"
@@ -324,3 +362,21 @@ def test_claim_text_comes_from_the_docstring():
     module = _claim(name)
     assert reproduce.docstring_field(module.__doc__, "Claim"), name
     assert "Stated before" in reproduce.docstring_field(module.__doc__, "Band"), name
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--seeds", "0"], "--seeds must be > 0, got 0"),
+    (["--parallel", "0"], "--parallel must be > 0, got 0"),
+    (["--timeout", "-1"], "--timeout must be > 0, got -1"),
+    (["--merge", "/nonexistent/results.json"], "no such file"),
+    (["--merge", "{bad}"], "not JSON"),
+    (["--merge", "{empty}"], "not a results.json of experiments.reproduce"),
+])
+def test_bad_arguments_are_refused_before_anything_runs(args, message, tmp_path, capsys):
+  (tmp_path / "bad.json").write_text("{not json")
+  (tmp_path / "empty.json").write_text("{}")
+  args = [a.format(bad=tmp_path / "bad.json", empty=tmp_path / "empty.json") for a in args]
+  with pytest.raises(SystemExit) as exit_info:
+    reproduce.main(["--workdir", str(tmp_path / "work"), *args])
+  assert exit_info.value.code == 2 and message in capsys.readouterr().err
+  assert not (tmp_path / "work").exists()

@@ -146,6 +146,27 @@ def _main(workdir: str, data_dir: str, *flags: str) -> subprocess.CompletedProce
                         env={**os.environ, "PYTHONPATH": REPO})
 
 
+def test_divergence_exits_with_its_own_status_and_sweeps_report_it(data_dir, tmp_path):
+  """A diverged run is a result (the setting does not train), not a crash: experiments.main
+  exits DIVERGED_EXIT_STATUS and the sweep report marks the failed run as diverged."""
+  sweep_dir = tmp_path / "sweep"
+  run_dir = str(sweep_dir / "lr=huge")
+  proc = _main(run_dir, data_dir, "--config.optim.learning_rate=1e30",
+               "--config.optim.warmup_steps=0", "--config.train.log_every=1")
+  assert proc.returncode == report.DIVERGED_EXIT_STATUS, proc.stderr[-2000:]
+  assert "Diverged: Non-finite loss (nan) or gradient norm (nan) at step " in proc.stderr
+  assert "no checkpoint was written. Lower optim.learning_rate" in proc.stderr
+  assert "Traceback" not in proc.stderr
+  # What launch.sweep records when the child ends (its log, then _finish), read by the report.
+  with open(sweep.log_path(run_dir), "w") as f:
+    f.write(proc.stderr)
+  assert sweep._finish(run_dir, [], proc.returncode, 1.0) == "failed"
+  with open(sweep_dir / report.PLAN_FILE, "w") as f:
+    json.dump({"runs": [{"name": "lr=huge", "variant": "lr=huge", "overrides": {}}]}, f)
+  [result] = report.collect(str(sweep_dir))
+  assert result.status == "failed" and result.diverged
+
+
 # -- one writer ---------------------------------------------------------------------------------
 def test_second_launch_exits_at_once_naming_the_holder(straight, data_dir, tmp_path):
   workdir = str(tmp_path / "run")
@@ -355,3 +376,42 @@ def test_ctrl_c_during_the_first_compile_exits_130_without_a_crash(data_dir, tmp
   assert "Interrupted (Ctrl-C): stopped without saving" in rest and "Segmentation" not in rest
   assert not os.path.exists(os.path.join(workdir, "lock.json"))
   assert not glob.glob(os.path.join(REPO, "core*"))
+
+
+def test_a_sweep_killed_with_sigkill_stops_its_runs_with_a_save(data_dir, tmp_path):
+  """kill -9 of launch.sweep (or a closed terminal): its run gets SIGTERM from the kernel, saves
+  and exits, so nothing trains on unwatched and the relaunch resumes instead of finding the
+  point busy."""
+  workdir = str(tmp_path / "sweep")
+  run_dir = os.path.join(workdir, "norm=layernorm")
+  argv = [sys.executable, "-m", "launch.sweep", "--config", "tests/launch/sweep_fixture.py",
+          "--workdir", workdir, "--filter", "norm=layernorm",
+          "--set", f"data.data_dir={data_dir}", "--set", "train.num_steps=100000",
+          "--set", "train.checkpoint_every=0", "--set", "train.eval_every=0"]
+  env = {**os.environ, "PYTHONPATH": REPO}
+  env.pop("XLA_FLAGS", None)
+  runner = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+  log = os.path.join(run_dir, "log.txt")
+  deadline = time.monotonic() + 120
+  try:
+    while not (os.path.exists(log) and "\nstep " in open(log).read()):  # noqa: SIM115
+      assert time.monotonic() < deadline and runner.poll() is None, "the run never trained"
+      time.sleep(0.5)
+  except AssertionError:
+    runner.terminate()  # it stops its run
+    raise
+  child = json.load(open(os.path.join(run_dir, "lock.json")))["pid"]  # noqa: SIM115
+  runner.send_signal(signal.SIGKILL)
+  runner.wait()
+  deadline = time.monotonic() + 60
+  while os.path.exists(f"/proc/{child}") and "zombie" not in open(f"/proc/{child}/status").read():  # noqa: SIM115
+    if time.monotonic() > deadline:
+      os.kill(child, signal.SIGKILL)
+      pytest.fail("the run trains on after its sweep was killed")
+    time.sleep(0.5)
+  with open(log) as f:
+    text = f.read()
+  assert "Preempted (SIGTERM): saved step" in text, text[-2000:]
+  assert glob.glob(os.path.join(run_dir, "checkpoints", "*"))
+  assert not os.path.exists(os.path.join(run_dir, "lock.json"))
