@@ -34,6 +34,7 @@ EXTRA_COLUMNS = ("train_loss", "tokens_per_second")
 # crash, a timeout) that leaves the run without one.
 DIVERGED_EXIT_STATUS = 3
 
+
 @dataclasses.dataclass
 class RunResult:
   """One run as the report sees it."""
