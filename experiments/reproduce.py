@@ -329,9 +329,32 @@ def write_results(workdir: str, claims: dict[str, str],
   return summary
 
 
+CHANGE_REMEDY = ("A reproduction trains each run with one config: use another --workdir for "
+                 "runs with this --set (experiments.reproduce has no --allow_config_change).")
+
+
+def check_claim(name: str, path: str, workdir: str, *, seeds: int | None,
+                extra: Sequence[str] = ()) -> list[str]:
+  """The claim's runs that must run again although finished (their config moved on); raises
+  ValueError for a --set that is no field of the claim's config, or when runs already trained
+  with another config (launch.sweep's check, made before anything starts)."""
+  module, arg = sweep.load_experiment(path)
+  runs = sweep.plan(path, seeds=seeds)
+  try:
+    moved, refusal = sweep.check_configs(module, arg, storage.join(workdir, name), runs, extra,
+                                         remedy=CHANGE_REMEDY)
+  except ValueError as e:
+    raise ValueError(f"[{name}] {e}") from None
+  if refusal:
+    raise ValueError(f"[{name}] {refusal}")
+  return moved
+
+
 def run_claim(name: str, path: str, workdir: str, *, seeds: int | None, parallel: int,
-              extra: Sequence[str] = (), timeout: float | None = None) -> dict[str, str]:
-  """Runs one claim's sweep (what is not done yet); adds its wall time to wall_time.json."""
+              extra: Sequence[str] = (), timeout: float | None = None,
+              changed: Sequence[str] = ()) -> dict[str, str]:
+  """Runs one claim's sweep (what is not done yet, and the `changed` runs: see check_claim);
+  adds its wall time to wall_time.json."""
   module, _ = sweep.load_experiment(path)
   claim_dir = storage.join(workdir, name)
   runs = sweep.plan(path, seeds=seeds)
@@ -343,7 +366,7 @@ def run_claim(name: str, path: str, workdir: str, *, seeds: int | None, parallel
 
   try:
     outcome = sweep.execute(path, claim_dir, runs, parallel=parallel, extra=extra,
-                            timeout=timeout, echo=echo)
+                            timeout=timeout, echo=echo, changed=changed)
   finally:  # Also when stopped: the time spent so far counts.
     times = storage.join(claim_dir, TIMES_FILE)
     spent = json.loads(storage.read_text(times))["wall_s"] if storage.exists(times) else 0.0
@@ -359,7 +382,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
       description=" ".join(__doc__.split("\n\n")[0].split()),
       epilog="Exit status: 0 when every chosen claim has its verdict (pass or fail: a claim "
              "outside its band is a result); 1 when a run failed without diverging (a crash, a "
-             "timeout, a bad --set) or a claim is incomplete; 2 for bad arguments; 130 when "
+             "timeout) or a claim is incomplete; 2 for bad arguments (also a --set that is no "
+             "config field, or runs that trained with another config); 130 when "
              "stopped (relaunch the same command to resume).")
   parser.add_argument("--workdir", default="runs/reproduce",
                       help="one folder per claim, results.json / results.md / <claim>.png "
@@ -414,10 +438,18 @@ def main(argv: Sequence[str] | None = None) -> int:
   chosen = {n: p for n, p in claims.items() if not args.only or n in args.only}
   failed_runs = []
   if not args.report:
+    # Every claim's configs are checked before any run starts: a bad --set, or runs that
+    # trained with another config (a finished one would otherwise count as done), refused here.
+    try:
+      changed = {name: check_claim(name, path, args.workdir, seeds=args.seeds, extra=args.set)
+                 for name, path in chosen.items()}
+    except ValueError as e:
+      print(f"Config error: {e}", file=sys.stderr)
+      return 2
     for name, path in chosen.items():
       try:
         outcome = run_claim(name, path, args.workdir, seeds=args.seeds, parallel=args.parallel,
-                            extra=args.set, timeout=args.timeout)
+                            extra=args.set, timeout=args.timeout, changed=changed[name])
       except KeyboardInterrupt:
         write_results(args.workdir, claims, args.merge)
         return 130

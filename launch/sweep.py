@@ -197,6 +197,49 @@ def config_changes(module: ModuleType, arg: str | None, workdir: str, runs: Sequ
   return out
 
 
+CHANGE_REMEDY = ("Use another --workdir for the new config, or --allow_config_change to continue "
+                 "these runs with it from their newest checkpoints (recorded in each run's "
+                 "config.json).")
+
+
+def check_configs(module: ModuleType, arg: str | None, workdir: str, runs: Sequence[Run],
+                  extra: Sequence[str] = (), *, allow_config_change: bool = False,
+                  remedy: str = CHANGE_REMEDY) -> tuple[list[str], str | None]:
+  """What a launch may do with runs that trained before: checked before any run starts.
+
+  Returns the runs that are not done although finished (their config moved on: a raised
+  num_steps, an allowed change; a change of operational fields only, e.g. eval_every, leaves a
+  run done) and the refusal to print, or None: a finished run with a trajectory change (no step
+  is left to continue with it, allowed or not), or an unfinished one without
+  `allow_config_change` (that refusal ends with `remedy`). ValueError for a --set that is not a
+  field or does not parse.
+  """
+  from attn.train import config_identity  # Deferred: it imports the trainer's config.
+
+  changes = config_changes(module, arg, workdir, runs, extra)
+  moved = [name for name, c in changes.items()
+           if config_identity.split(c)[0] or "train.num_steps" in c]
+  refused = {name: c for name, c in changes.items() if config_identity.split(c)[0]}
+  finished = []
+  for run in (run for run in runs if run.name in refused):
+    run_dir = run.workdir(workdir)
+    num_steps = resolved_config(module, arg, run, extra).train.num_steps
+    step = config_identity.finished_step(run_dir, num_steps)
+    if step is not None:
+      finished.append(str(config_identity.finished_error(
+        run_dir, step, config_identity.split(refused.pop(run.name))[0])))
+  if finished:
+    return moved, "\n".join([*finished, f"{len(finished)} finished run(s) with another config; "
+                              "nothing was started."])
+  if refused and not allow_config_change:
+    lines = [f"{len(refused)} run(s) already trained with another config; nothing was started:"]
+    for name, c in refused.items():
+      lines.append(f"  {name}: " + ", ".join(f"{k} {json.dumps(a)} -> {json.dumps(b)}"
+                                            for k, (a, b) in config_identity.split(c)[0].items()))
+    return moved, "\n".join([*lines, remedy])
+  return moved, None
+
+
 def cli_value(value: Any) -> str:
   """A Python value as config_flags parses it back (it parses by the field's type)."""
   if isinstance(value, float):
@@ -444,40 +487,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1
   # Every run's config is built before any starts: a bad --set fails here, not in N children.
   try:
-    changes = config_changes(module, arg, args.workdir, runs, args.set)
+    moved, refusal = check_configs(module, arg, args.workdir, runs, args.set,
+                                   allow_config_change=args.allow_config_change)
     devices.accelerators(args.parallel)  # Too many runs for the TPU chips: refused now.
   except ValueError as e:
     print(f"Config error: {e}", file=sys.stderr)
     return 2
-  from attn.train import config_identity
-
-  refused = {name: c for name, c in changes.items() if config_identity.split(c)[0]}
-  # A finished run has no step left to continue with a changed trajectory, allowed or not.
-  finished = []
-  for run in (run for run in runs if run.name in refused):
-    run_dir = run.workdir(args.workdir)
-    num_steps = resolved_config(module, arg, run, args.set).train.num_steps
-    step = config_identity.finished_step(run_dir, num_steps)
-    if step is not None:
-      finished.append(str(config_identity.finished_error(
-        run_dir, step, config_identity.split(refused.pop(run.name))[0])))
-  if finished and not args.dry_run:
-    print("\n".join([*finished, f"{len(finished)} finished run(s) with another config; "
-                      "nothing was started."]), file=sys.stderr)
-    return 2
-  if refused and not args.dry_run and not args.allow_config_change:
-    lines = [f"{len(refused)} run(s) already trained with another config; nothing was started:"]
-    for name, c in refused.items():
-      lines.append(f"  {name}: " + ", ".join(f"{k} {json.dumps(a)} -> {json.dumps(b)}"
-                                            for k, (a, b) in config_identity.split(c)[0].items()))
-    lines.append("Use another --workdir for the new config, or --allow_config_change to continue "
-                 "these runs with it from their newest checkpoints (recorded in each run's "
-                 "config.json).")
-    print("\n".join(lines), file=sys.stderr)
+  if refusal and not args.dry_run:
+    print(refusal, file=sys.stderr)
     return 2
   if args.dry_run:
+    if refusal:
+      print(f"This launch would be refused:\n{refusal}", file=sys.stderr)
     for run in runs:
       state = status(run.workdir(args.workdir))
+      if state == "done" and run.name in moved:
+        state = "done with another config"
       argv_ = child_argv(args.config, run.workdir(args.workdir), run.point, args.set)
       print(f"# {run.name} [{state}]\n{shlex.join(argv_)}")
     return 0
@@ -485,10 +510,6 @@ def main(argv: Sequence[str] | None = None) -> int:
   outcome: dict[str, str] = {}
   if not args.report:
     try:
-      # A finished run whose config moved on (a raised num_steps, an allowed change) is not
-      # done; a change of operational fields only (eval_every, ...) leaves it done.
-      moved = [name for name, c in changes.items()
-               if config_identity.split(c)[0] or "train.num_steps" in c]
       outcome = execute(args.config, args.workdir, runs, parallel=args.parallel,
                         extra=args.set, timeout=args.timeout, changed=moved,
                         allow_config_change=args.allow_config_change)

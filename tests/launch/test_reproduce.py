@@ -127,6 +127,22 @@ def test_runner_runs_skips_resumes_and_reports(tmp_path, child_env, capsys):
   with open(os.path.join(run_dir, reproduce.MEASURES_FILE)) as f:  # so it was measured again
     assert json.load(f)["measures"] == {"train_records": records}
 
+  # A --set is checked against every run before any starts: not a field, or a change of the
+  # training trajectory of runs that finished (they would count as done without it): refused.
+  assert reproduce.main([*argv, "--set", "model.no_such_field=1"]) == 2
+  err = capsys.readouterr().err
+  assert "Config error: [trains] --set 'model.no_such_field=1': 'model.no_such_field' is not a " \
+         "field" in err
+  mtime = os.path.getmtime(os.path.join(run_dir, "summary.json"))
+  assert reproduce.main([*argv, "--set", "optim.learning_rate=0.5"]) == 2
+  err = capsys.readouterr().err
+  assert "the run finished at step 4 with another config" in err
+  assert "2 finished run(s) with another config; nothing was started." in err
+  assert "to train the new config from the start, use another --workdir" in err
+  assert os.path.getmtime(os.path.join(run_dir, "summary.json")) == mtime
+  assert reproduce.main([*argv, "--set", "train.eval_every=3"]) == 0  # operational: still done
+  assert "2 finished run(s) skipped; 0 to run." in capsys.readouterr().out
+
   # The same runs against a band they miss: fail, a verdict like pass (exit status 0).
   shutil.copytree(os.path.join(work, "trains"), os.path.join(work, "too_good"))
   assert reproduce.main([*argv[:-3], "too_good"]) == 0
@@ -134,14 +150,14 @@ def test_runner_runs_skips_resumes_and_reports(tmp_path, child_env, capsys):
     assert json.load(f)["claims"]["too_good"]["status"] == "fail"
   assert reproduce.main(["--claims_dir", claims, "--workdir", work, "--only", "nope"]) == 2
 
-  # A run that crashes (here a bad override) is no result: the claim is incomplete, exit 1,
-  # even though its other run finished and alone would pass the band.
+  # A run that ends without a result (here killed by --timeout before it trains) is no
+  # result: the claim is incomplete, exit 1, though its other run finished and alone would pass.
   crash = str(tmp_path / "crash")
   shutil.copytree(os.path.join(work, "trains"), os.path.join(crash, "trains"))
   shutil.rmtree(os.path.join(crash, "trains", "norm=rmsnorm"))
   capsys.readouterr()
   assert reproduce.main(["--claims_dir", claims, "--workdir", crash, "--only", "trains",
-                         "--set", "model.no_such_field=1"]) == 1
+                         "--timeout", "0.5"]) == 1
   out = capsys.readouterr().out
   assert "failed norm=rmsnorm" in out and "Incomplete (a run has no result yet): trains" in out
   with open(os.path.join(crash, "results.json")) as f:

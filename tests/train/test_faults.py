@@ -314,6 +314,10 @@ def test_sweep_checks_set_filter_and_changed_configs_before_starting(straight, t
   assert sweep.main([*argv, "--set", "optim.learning_rate=0.5", "--allow_config_change"]) == 2
   err = capsys.readouterr().err  # Not reported as done with the new config: refused.
   assert "The change was not applied" in err and "raise train.num_steps above 6" in err
+  assert sweep.main([*argv, "--set", "optim.learning_rate=0.5", "--dry_run"]) == 0
+  out, err = capsys.readouterr()  # The dry run shows both: not done with this config, refused.
+  assert "# norm=layernorm [done with another config]" in out
+  assert err.startswith("This launch would be refused:\n") and "nothing was started" in err
   os.rename(os.path.join(run_dir, "summary.json"), os.path.join(tmp_path, "summary.json"))
   assert sweep.main([*argv, "--set", "optim.learning_rate=0.5"]) == 2  # Unfinished: continuable.
   err = capsys.readouterr().err
