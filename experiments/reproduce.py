@@ -27,7 +27,8 @@ no runs in the workdir keeps its entry of the results.json already there or of a
 `--merge` (the latest of them), with the date and commit of the report that measured it
 (`measured`), so claims run in different sessions or on different machines report together;
 results.md's "measured" column shows that date and the commits the claim's runs trained at
-(`run_commits`, from each run's summary.json).
+(`run_commits`, from each run's summary.json). A merged entry is then part of the workdir's
+results.json, so later reports keep it without `--merge` until the claim runs there.
 """
 
 from __future__ import annotations
@@ -203,6 +204,11 @@ def docstring_field(doc: str | None, field: str) -> str:
     if inside:
       lines.append(line.strip())
   return " ".join(filter(None, lines))
+
+
+# What every claim's entry in results.json holds (a --merge file's entries are checked for them).
+ENTRY_KEYS = frozenset({"paper", "claim", "band", "metric", "status", "detail", "cells", "wall_s",
+                        "plot"})
 
 
 def summarize(name: str, module: ModuleType, claim_dir: str) -> dict[str, Any]:
@@ -417,13 +423,21 @@ def _check_merge_file(parser: argparse.ArgumentParser, path: str) -> None:
     parser.error(f"--merge {path}: no such file (another run's <workdir>/results.json)")
   try:
     merged = json.loads(storage.read_text(path))
-    ok = (isinstance(merged, dict) and isinstance(merged.get("claims"), dict)
-          and "commit" in merged.get("provenance", {}) and "written" in merged)
+  except (OSError, UnicodeDecodeError) as e:
+    parser.error(f"--merge {path}: cannot be read ({e})")
   except ValueError as e:
     parser.error(f"--merge {path}: not JSON ({e})")
+  ok = (isinstance(merged, dict) and isinstance(merged.get("claims"), dict)
+        and isinstance(merged.get("provenance"), dict) and "commit" in merged["provenance"]
+        and "written" in merged)
   if not ok:
     parser.error(f"--merge {path}: not a results.json of experiments.reproduce (it needs "
                  "'written', 'provenance.commit' and 'claims')")
+  for name, entry in merged["claims"].items():
+    missing = ENTRY_KEYS - set(entry) if isinstance(entry, dict) else ENTRY_KEYS
+    if missing:
+      parser.error(f"--merge {path}: claims.{name} is not a claim's entry (missing "
+                   f"{', '.join(sorted(missing))})")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -98,7 +98,8 @@ def plot(cells):
   left.bar(norms, [m for m, _, _ in stats], yerr=[s or 0 for _, s, _ in stats], capsize=4,
            color=["tab:blue", "tab:orange"])
   left.set_ylabel("eval loss (nats/byte)")
-  left.set_ylim(min(m for m, _, _ in stats) - 0.3, max(m for m, _, _ in stats) + 0.2)
+  finite = [m for m, _, _ in stats if math.isfinite(m)]  # a norm with no finished run: no bar
+  left.set_ylim(min(finite) - 0.3, max(finite) + 0.2)
   left.set_title("eval loss", fontsize=9)
   batch = cells.find(norm="batchnorm")
   for ax, stat, label in ((mid, "mean", r"$\frac{1}{d}\|\mu_B - \mu\|$"),
@@ -114,6 +115,7 @@ def plot(cells):
     ax.set_xlabel("step")
     ax.set_title(f"BatchNorm batch vs running {stat}: {label}", fontsize=8)
     ax.set_yscale("log")
-  mid.legend(fontsize=6)
+  if mid.get_legend_handles_labels()[0]:  # a finished BatchNorm run's curves to name
+    mid.legend(fontsize=6)
   fig.suptitle(TITLE, fontsize=9)
   return fig

@@ -111,6 +111,7 @@ def plot(cells):
     ax.axhline(0.95, color="gray", lw=0.8, ls="--")
   bars.set_ylabel("recall accuracy (eval)")
   curves.set_xlabel("step")
-  curves.legend(fontsize=8)
+  if curves.get_legend_handles_labels()[0]:  # a finished run's curve to name
+    curves.legend(fontsize=8)
   fig.suptitle(TITLE, fontsize=9)
   return fig

@@ -8,6 +8,7 @@ import os
 import shutil
 import tempfile
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -387,12 +388,40 @@ def test_claim_text_comes_from_the_docstring():
     (["--merge", "/nonexistent/results.json"], "no such file"),
     (["--merge", "{bad}"], "not JSON"),
     (["--merge", "{empty}"], "not a results.json of experiments.reproduce"),
+    (["--merge", "{dir}"], "cannot be read"),
+    (["--merge", "{entry}"], "claims.mqar_recall is not a claim's entry (missing band, cells, "),
 ])
 def test_bad_arguments_are_refused_before_anything_runs(args, message, tmp_path, capsys):
   (tmp_path / "bad.json").write_text("{not json")
   (tmp_path / "empty.json").write_text("{}")
-  args = [a.format(bad=tmp_path / "bad.json", empty=tmp_path / "empty.json") for a in args]
+  (tmp_path / "entry.json").write_text(json.dumps({
+      "written": "2026-12-05T00:00:00", "provenance": {"commit": "abc"},
+      "claims": {"mqar_recall": {"paper": "Zoology", "status": "pass"}}}))
+  args = [a.format(bad=tmp_path / "bad.json", empty=tmp_path / "empty.json", dir=tmp_path,
+                   entry=tmp_path / "entry.json") for a in args]
   with pytest.raises(SystemExit) as exit_info:
     reproduce.main(["--workdir", str(tmp_path / "work"), *args])
   assert exit_info.value.code == 2 and message in capsys.readouterr().err
   assert not (tmp_path / "work").exists()
+
+
+@pytest.mark.parametrize("name", [n for n in reproduce.claim_files()
+                                  if hasattr(_claim(n), "plot")])
+def test_a_claims_plot_draws_a_partial_sweep_without_warnings(name):
+  """The report plots a claim as soon as one run finished: one variant with a number, the
+  others pending, no run directories to read."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  module = _claim(name)
+  points = {run.variant: {k.removeprefix("arg."): v for k, v in run.point.items()
+                          if k != "seed"}
+            for run in reproduce.sweep.plan(reproduce.claim_files()[name])}
+  first, *rest = points.values()
+  cells = reproduce.Cells(
+      [reproduce.Cell(first, 1, 1, {module.SWEEP_METRIC: (1.0, None, 1)})]
+      + [reproduce.Cell(point, 1, 0, {}) for point in rest])
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    fig = module.plot(cells)
+  assert fig.axes
