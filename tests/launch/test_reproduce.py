@@ -262,6 +262,25 @@ def test_mqar_band():
   assert gdn(pair(0.9, 0.5))[0] == "pass" and gdn(pair(0.6, 0.5))[0] == "fail"
 
 
+
+def test_mqar_width_band():
+  check = _claim("mqar_width").check
+
+  def cells(**acc):
+    base = {"mha64": 0.99, "mha256": 0.99, "linear64": 0.25, "linear256": 0.5,
+            "performer64": 0.3, "performer256": 0.45, **acc}
+    return _cells([({"attention": k.rstrip("0123456789"), "width": int(k[-3:].lstrip("ar"))},
+                    {"accuracy": v}, False) for k, v in base.items()])
+
+  assert check(cells()) == ("pass", "width 64: mha 0.990 (n=1), linear 0.250 (n=1), performer "
+                                    "0.300 (n=1); width 256: mha 0.990 (n=1), linear 0.500 "
+                                    "(n=1), performer 0.450 (n=1)")
+  assert check(cells(mha256=0.9))[0] == "fail"  # softmax must recall at every width
+  assert check(cells(linear64=0.9))[0] == "fail"  # linear recalls at 64 already
+  assert check(cells(performer256=0.35))[0] == "fail"  # performer gains 0.05 < 0.10
+  assert check(cells(linear256=math.nan))[0] == "incomplete"
+
+
 def test_prenorm_postnorm_band_counts_divergence_as_worse():
   check = _claim("prenorm_postnorm").check
 
