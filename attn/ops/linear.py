@@ -68,6 +68,7 @@ def linear_attention(
     *,
     feature_map: FeatureMap = elu_plus_one,
     key_feature_map: FeatureMap | None = None,
+    key_stabilizer: Array | None = None,
     is_causal: bool = False,
     key_value_seq_lengths: Array | None = None,
     segment_ids: Array | None = None,
@@ -85,6 +86,11 @@ def linear_attention(
     feature_map: phi, applied to the queries (and to the keys unless `key_feature_map`);
       `[..., H] -> [..., F]`. Use `identity` with `normalize=False` for (Q K^T) V.
     key_feature_map: a different phi for the keys (FAVOR+ stabilizes them differently).
+    key_stabilizer: causal only, float32 `[B, S, K]`: the log-constant m_s each key's features
+      were divided by (exp(-m_s)), a running max that never decreases inside a sequence.
+      Query t weighs the keys it sees by exp(m_s - m_t), i.e. puts them all on its own
+      position's constant, so a key seen by t never underflows against a later key's larger
+      constant (FAVOR+, see `performer_attention`). None: one constant for all keys.
     is_causal: query t sees keys s <= t (top-left aligned when T != S, as in `masks`).
     key_value_seq_lengths: int `[B]`; keys past the length contribute nothing.
     segment_ids: int `[B, T]` packed sequences (self-attention, T == S): a query sees the keys
@@ -104,6 +110,9 @@ def linear_attention(
   """
   batch, q_len, num_heads, _ = query.shape
   kv_len, value_dim = key.shape[1], value.shape[-1]
+  if key_stabilizer is not None and not is_causal:
+    raise ValueError("key_stabilizer is for causal attention; without a causal mask one "
+                     "constant for all keys (the max over them) serves every query.")
   phi_q, phi_k, v = _features(query, key, value, feature_map, key_feature_map)
   if key_value_seq_lengths is not None:
     valid = jnp.arange(kv_len)[None, :] < jnp.asarray(key_value_seq_lengths)[:, None]
@@ -114,9 +123,11 @@ def linear_attention(
     phi_k = jnp.where(segments[:, :, None, None] != 0, phi_k, 0.0)  # padding adds nothing
   if return_weights:
     return _with_weights(phi_q, phi_k, v, is_causal=is_causal, segments=segments,
-                         normalize=normalize, eps=eps, dtype=query.dtype)
+                         stabilizer=key_stabilizer, normalize=normalize, eps=eps,
+                         dtype=query.dtype)
   if is_causal or segments is not None:
-    num, den = _chunked(phi_q, phi_k, v, chunk_size, causal=is_causal, segments=segments)
+    num, den = _chunked(phi_q, phi_k, v, chunk_size, causal=is_causal, segments=segments,
+                        stabilizer=key_stabilizer)
   else:
     # The [F, Hv] key summary first: no T x S matrix is ever formed.
     num = jnp.einsum("btkgf,bkfh->btkgh", phi_q, jnp.einsum("bskf,bskh->bkfh", phi_k, v))
@@ -156,19 +167,45 @@ def linear_attention_step(
     (`[B, L, N, Hv]` in the query's dtype, the state after the L tokens).
   """
   phi_q, phi_k, v = _features(query, key, value, feature_map, None)
-  return _step(phi_q, phi_k, v, state, state.key_max, normalize=normalize,
-               chunk_size=chunk_size, eps=eps, dtype=query.dtype)
+  return _step(phi_q, phi_k, v, state, None, normalize=normalize, chunk_size=chunk_size,
+               eps=eps, dtype=query.dtype)
 
 
-def _step(phi_q: Array, phi_k: Array, v: Array, state: RecurrentState, key_max: Array, *,
-          normalize: bool, chunk_size: int, eps: float, dtype: Any) -> tuple[Array, RecurrentState]:
-  """Shared by the linear and FAVOR+ steps: phi_k already stabilized by the new key_max."""
+def _step(phi_q: Array, phi_k: Array, v: Array, state: RecurrentState,
+          stabilizer: Array | None, *, normalize: bool, chunk_size: int, eps: float,
+          dtype: Any) -> tuple[Array, RecurrentState]:
+  """Shared by the linear and FAVOR+ steps; `stabilizer` `[B, L, K]` as in `linear_attention`
+  (None: the state and the new keys share one constant), continuing `state.key_max`."""
   batch, steps, heads, groups, _ = phi_q.shape
-  num, den = _chunked(phi_q, phi_k, v, chunk_size, causal=True, initial=(state.kv, state.z))
+  num, den = _chunked(phi_q, phi_k, v, chunk_size, causal=True, initial=(state.kv, state.z),
+                      stabilizer=stabilizer,
+                      initial_stabilizer=None if stabilizer is None else state.key_max)
   out = num / (den[..., None] + eps) if normalize else num
-  new_state = RecurrentState(state.kv + jnp.einsum("bskf,bskh->bkfh", phi_k, v),
-                             state.z + jnp.sum(phi_k, axis=1), key_max, state.length + steps)
+  key_max, decay = state.key_max, jnp.ones_like(state.key_max)
+  if stabilizer is not None:  # the new state is on the last key's constant
+    key_max = stabilizer[:, -1]
+    decay = _rescale(state.key_max, key_max)
+    phi_k = phi_k * _rescale(stabilizer, key_max[:, None])[..., None]
+  new_state = RecurrentState(
+      decay[..., None, None] * state.kv + jnp.einsum("bskf,bskh->bkfh", phi_k, v),
+      decay[..., None] * state.z + jnp.sum(phi_k, axis=1), key_max, state.length + steps)
   return out.reshape(batch, steps, heads * groups, v.shape[-1]).astype(dtype), new_state
+
+
+def _to_length(m: Array, length: int) -> Array:
+  """The constants `[..., S]` of keys at positions 0..length-1 along the last axis: cut, or
+  padded with the last one (top-left alignment: a query past S sees every key)."""
+  m = m[..., :length]
+  return jnp.pad(m, [(0, 0)] * (m.ndim - 1) + [(0, length - m.shape[-1])], mode="edge")
+
+
+def _rescale(constant: Array, to: Array) -> Array:
+  """exp(constant - to): features divided by exp(constant) put on the larger constant `to`.
+
+  Clamped at 1: every use has constant <= to where the features are nonzero; elsewhere (keys
+  that nobody sees, empty sums) the factor only has to be finite.
+  """
+  return jnp.exp(jnp.minimum(constant - to, 0.0))
 
 
 def _features(query: Array, key: Array, value: Array, feature_map: FeatureMap,
@@ -208,11 +245,14 @@ def _visible(q_len: int, kv_len: int, is_causal: bool, segments: Array | None) -
 
 
 def _with_weights(phi_q: Array, phi_k: Array, v: Array, *, is_causal: bool,
-                  segments: Array | None, normalize: bool, eps: float,
-                  dtype: Any) -> tuple[Array, Array]:
+                  segments: Array | None, stabilizer: Array | None, normalize: bool,
+                  eps: float, dtype: Any) -> tuple[Array, Array]:
   """The output and the implicit `[B, N, T, S]` attention matrix, formed explicitly."""
   batch, q_len, heads, groups, _ = phi_q.shape
   scores = jnp.einsum("btkgf,bskf->bkgts", phi_q, phi_k)
+  if stabilizer is not None:
+    m = stabilizer.transpose(0, 2, 1)[:, :, None]  # [B, K, 1, S]
+    scores = scores * _rescale(m[..., None, :], _to_length(m, q_len)[..., None])
   visible = _visible(q_len, phi_k.shape[1], is_causal, segments)
   if visible is not None:
     scores = jnp.where(visible[:, None, None], scores, 0.0)
@@ -224,15 +264,18 @@ def _with_weights(phi_q: Array, phi_k: Array, v: Array, *, is_causal: bool,
 
 
 def _chunked(phi_q: Array, phi_k: Array, v: Array, chunk_size: int, *, causal: bool,
-             segments: Array | None = None,
-             initial: tuple[Array, Array] | None = None) -> tuple[Array, Array]:
+             segments: Array | None = None, stabilizer: Array | None = None,
+             initial: tuple[Array, Array] | None = None,
+             initial_stabilizer: Array | None = None) -> tuple[Array, Array]:
   """Numerator `[B, T, K, G, Hv]` and normalizer `[B, T, K, G]`, chunk by chunk.
 
   Inside a chunk an explicit C x C product (lower-triangular if causal, same-segment if
   packed); across chunks the summaries of earlier chunks (a prefix sum over chunks). With
   segments the carried summary is that of the segment crossing into each chunk only, so it
   restarts at every segment start; non-causal adds the same from the later chunks. `initial`
-  (the recurrent state's S, z) is seen by every query.
+  (the recurrent state's S, z) is seen by every query. With a `stabilizer` (causal), every
+  summary is put on the constant of its last key and every query rescales what it sees to its
+  own constant (see `linear_attention`); `initial` is on `initial_stabilizer` `[B, K]`.
   """
   batch, q_len, heads, groups, features = phi_q.shape
   # Top-left alignment: query t sees keys 0..t, so keys past T are never seen and queries
@@ -244,6 +287,11 @@ def _chunked(phi_q: Array, phi_k: Array, v: Array, chunk_size: int, *, causal: b
   c = max(1, min(chunk_size, q_len))
   padded = -(-q_len // c) * c
   pad = padded - q_len
+  if stabilizer is not None:  # [B, K, n, C] the keys' constants; queries take the same
+    m_c = _to_length(_to_length(stabilizer.transpose(0, 2, 1), q_len), padded).reshape(batch, heads, -1, c)
+    m_q = jnp.tile(m_c, (1, 1, 1, groups))  # [B, K, n, G*C], as q_c below
+    end = m_c[..., -1]  # [B, K, n] each chunk's summary is on its last key's constant
+    before_end = jnp.concatenate([end[..., :1], end[..., :-1]], axis=-1)  # what it receives
   if pad:
     phi_q = jnp.pad(phi_q, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
     phi_k = jnp.pad(phi_k, ((0, 0), (0, pad), (0, 0), (0, 0)))
@@ -266,26 +314,39 @@ def _chunked(phi_q: Array, phi_k: Array, v: Array, chunk_size: int, *, causal: b
     visible = visible.reshape(-1, n if segments is not None else 1, c, c)
     visible = jnp.tile(visible, (1, 1, groups, 1))  # [B|1, n|1, G*C, C]
     scores = jnp.where(visible[:, None], scores, 0.0)
+  if stabilizer is not None:
+    scores = scores * _rescale(m_c[..., None, :], m_q[..., None])
   num = jnp.einsum("bkncs,bknsh->bknch", scores, v_c)
   den = jnp.sum(scores, axis=-1)
+  # Summaries carried across chunks reach a query on its own constant: `[B, K, n, G*C]`.
+  carried = None if stabilizer is None else _rescale(before_end[..., None], m_q)
+  gate = None if stabilizer is None else _rescale(before_end, end)  # P_j onto chunk j's
+  if stabilizer is not None:  # each chunk's keys on its last key's constant
+    k_c = k_c * _rescale(m_c, end[..., None])[..., None]
   if segments is None and causal:
     # Across chunks: the summaries of all earlier chunks (an exclusive prefix sum over n).
     kv = jnp.einsum("bknsf,bknsh->bknfh", k_c, v_c).transpose(0, 2, 1, 3, 4)  # [B, n, K, F, Hv]
-    kv_before = _exclusive_prefix_sum(kv).transpose(0, 2, 1, 3, 4)
-    z_before = _exclusive_prefix_sum(jnp.sum(k_c, axis=3).transpose(0, 2, 1, 3))
-    num = num + jnp.einsum("bkncf,bknfh->bknch", q_c, kv_before)
-    den = den + jnp.einsum("bkncf,bknf->bknc", q_c, z_before.transpose(0, 2, 1, 3))
+    z = jnp.sum(k_c, axis=3).transpose(0, 2, 1, 3)  # [B, n, K, F]
+    kv_before, z_before = _exclusive_prefix_sum(
+        (kv, z), gate=None if gate is None else gate.transpose(0, 2, 1))
+    add_num, add_den = _times(carried, jnp.einsum("bkncf,bnkfh->bknch", q_c, kv_before),
+                              jnp.einsum("bkncf,bnkf->bknc", q_c, z_before))
+    num, den = num + add_num, den + add_den
   elif segments is not None:
     seg_c = segments.reshape(batch, n, c)
     for reverse in (False,) if causal else (False, True):
-      kv_carried, z_carried, sees = _segment_carry(k_c, v_c, seg_c, reverse=reverse)
+      kv_carried, z_carried, sees = _segment_carry(k_c, v_c, seg_c, reverse=reverse, scale=gate)
       sees = jnp.tile(sees, (1, 1, groups))[:, None]  # [B, 1, n, G*C]
-      num = num + jnp.where(sees[..., None],
-                            jnp.einsum("bkncf,bknfh->bknch", q_c, kv_carried), 0.0)
-      den = den + jnp.where(sees, jnp.einsum("bkncf,bknf->bknc", q_c, z_carried), 0.0)
+      add_num, add_den = _times(carried, jnp.einsum("bkncf,bknfh->bknch", q_c, kv_carried),
+                                jnp.einsum("bkncf,bknf->bknc", q_c, z_carried))
+      num = num + jnp.where(sees[..., None], add_num, 0.0)
+      den = den + jnp.where(sees, add_den, 0.0)
   if initial is not None:
-    num = num + jnp.einsum("bkncf,bkfh->bknch", q_c, initial[0])
-    den = den + jnp.einsum("bkncf,bkf->bknc", q_c, initial[1])
+    seen = None if initial_stabilizer is None else _rescale(
+        initial_stabilizer[..., None, None], m_q)
+    add_num, add_den = _times(seen, jnp.einsum("bkncf,bkfh->bknch", q_c, initial[0]),
+                              jnp.einsum("bkncf,bkf->bknc", q_c, initial[1]))
+    num, den = num + add_num, den + add_den
   num = (num.reshape(batch, heads, n, groups, c, value_dim).transpose(0, 2, 4, 1, 3, 5)
          .reshape(batch, padded, heads, groups, value_dim))
   den = (den.reshape(batch, heads, n, groups, c).transpose(0, 2, 4, 1, 3)
@@ -293,8 +354,13 @@ def _chunked(phi_q: Array, phi_k: Array, v: Array, chunk_size: int, *, causal: b
   return num[:, :q_len], den[:, :q_len]
 
 
-def _segment_carry(k_c: Array, v_c: Array, seg_c: Array, *,
-                   reverse: bool) -> tuple[Array, Array, Array]:
+def _times(factor: Array | None, num: Array, den: Array) -> tuple[Array, Array]:
+  """num `[..., Hv]` and den `[...]` times a per-query `factor` `[...]` (None: 1)."""
+  return (num, den) if factor is None else (factor[..., None] * num, factor * den)
+
+
+def _segment_carry(k_c: Array, v_c: Array, seg_c: Array, *, reverse: bool,
+                   scale: Array | None = None) -> tuple[Array, Array, Array]:
   """What the chunks carry across their boundaries when the sequences are packed.
 
   Segments are contiguous, so only the segment of a chunk's first position can have keys in
@@ -302,7 +368,9 @@ def _segment_carry(k_c: Array, v_c: Array, seg_c: Array, *,
   j - 1, and only its queries of that segment use them. The running sums pass through chunk j
   whole only if chunk j lies entirely in that segment, else they restart from chunk j's keys
   of its last segment: state_{j+1} = [chunk j continues it] state_j + (chunk j's keys in its
-  last segment). `reverse` does the same from the later chunks (the non-causal half).
+  last segment). `reverse` does the same from the later chunks (the non-causal half). `scale`
+  `[B, K, n]` (forward only) multiplies state_j on its way into chunk j + 1 (the stabilizer's
+  change of constant).
 
   Returns:
     S `[B, K, n, F, Hv]` and z `[B, K, n, F]` carried into each chunk, and which queries
@@ -318,7 +386,8 @@ def _segment_carry(k_c: Array, v_c: Array, seg_c: Array, *,
   k_last = jnp.where((seg_c == last[:, :, None])[:, None, :, :, None], k_c, 0.0)
   kv = jnp.einsum("bknsf,bknsh->bnkfh", k_last, v_c)
   z = jnp.sum(k_last, axis=3).transpose(0, 2, 1, 3)  # [B, n, K, F]
-  kv, z = _exclusive_prefix_sum((kv, z), gate=passes)
+  gate = passes if scale is None else passes[..., None] * scale.transpose(0, 2, 1)
+  kv, z = _exclusive_prefix_sum((kv, z), gate=gate)
   kv, z = kv.transpose(0, 2, 1, 3, 4), z.transpose(0, 2, 1, 3)
   if reverse:
     kv, z, sees = kv[:, :, ::-1], z[:, :, ::-1], sees[:, ::-1, ::-1]
@@ -328,8 +397,8 @@ def _segment_carry(k_c: Array, v_c: Array, seg_c: Array, *,
 def _exclusive_prefix_sum(x: Any, gate: Array | None = None) -> Any:
   """out[:, i] = sum of x[:, j] for j < i, along axis 1 (of every array in the pytree `x`).
 
-  With a boolean `gate` `[B, n]`: out[:, i + 1] = gate[:, i] * out[:, i] + x[:, i], i.e. the
-  sum restarts after every position whose gate is False.
+  With a `gate` `[B, n, ...]` (boolean, or float factors broadcast against x's trailing axes):
+  out[:, i + 1] = gate[:, i] * out[:, i] + x[:, i], i.e. a False gate restarts the sum.
 
   On CPU a sequential scan: XLA:CPU's `jnp.cumsum` costs time quadratic in the number of chunks
   (at T = 4096, n = 64 chunks, it took more time than all the attention matmuls and made the
@@ -339,7 +408,8 @@ def _exclusive_prefix_sum(x: Any, gate: Array | None = None) -> Any:
   if jax.default_backend() != "cpu":
     if gate is None:
       return jax.tree.unflatten(tree, [jnp.cumsum(a, axis=1) - a for a in leaves])
-    gates = [gate.reshape(gate.shape + (1,) * (a.ndim - 2)).astype(a.dtype) for a in leaves]
+    gates = [gate.reshape(gate.shape + (1,) * (a.ndim - gate.ndim)).astype(a.dtype)
+             for a in leaves]
 
     def combine(earlier, later):  # (g1, s1) then (g2, s2): s = g2 s1 + s2, g = g1 g2
       (g1, s1), (g2, s2) = earlier, later
@@ -353,7 +423,7 @@ def _exclusive_prefix_sum(x: Any, gate: Array | None = None) -> Any:
   def step(totals, inputs):  # totals: the sum before position i; its gate decides what passes
     xs, g = inputs
     kept = totals if g is None else [
-        t * g.reshape(g.shape + (1,) * (t.ndim - 1)).astype(t.dtype) for t in totals]
+        t * g.reshape(g.shape + (1,) * (t.ndim - g.ndim)).astype(t.dtype) for t in totals]
     return [t + x_i for t, x_i in zip(kept, xs, strict=True)], totals
 
   moved = [jnp.moveaxis(a, 1, 0) for a in leaves]
@@ -394,10 +464,8 @@ def favor_features(x: Array, projection: Array, *, is_query: bool, scale: float 
   """Positive random features with E[phi(q) . phi(k)] = exp(q . k * scale).
 
   phi(x) = exp(w_m . x' - |x'|^2 / 2) / sqrt(M) with x' = x * sqrt(scale). A constant is
-  subtracted inside the exp for range (per query row; for keys one per batch and head, so it
-  is the same for every key): it cancels in the normalized attention. The key constant is a max
-  over all positions, so in the causal form a later key can move an earlier output by float
-  rounding (~1e-7; gradients stay exactly causal through the stop_gradient).
+  subtracted inside the exp for range (per query row; for keys one that the keys a query sees
+  share, see `performer_attention`): it cancels in the normalized attention.
 
   Args:
     x: `[B, T, N, H]`.
@@ -405,9 +473,8 @@ def favor_features(x: Array, projection: Array, *, is_query: bool, scale: float 
     is_query: queries or keys (they are stabilized differently, see above).
     scale: the softmax logit scale being approximated; default 1 / sqrt(H).
     eps: added to every feature, so no normalizer is exactly zero.
-    key_max: `[B, 1|T, N, 1]` the key constant(s) to use (one per packed sequence, or the
-      running one of recurrent decoding, see `performer_attention_step`); None = the max
-      over these keys.
+    key_max: `[B, 1|T, N, 1]` the key constant(s) to use (`performer_attention` passes the
+      max over the keys each query sees); None = the max over these keys.
 
   Returns:
     float32 `[B, T, N, M]`.
@@ -451,6 +518,15 @@ def performer_attention(
 ) -> Array | tuple[Array, Array]:
   """FAVOR+ attention: linear attention whose features estimate the softmax kernel.
 
+  The keys' features are divided by exp(max of their log-features), a constant that cancels
+  in the normalization if the keys a query sees share it. Non-causal: the max over the real
+  keys (per packed sequence). Causal: the running max up to each key, and each query puts the
+  keys it sees on its own position's constant (`linear_attention`'s `key_stabilizer`), as the
+  online softmax does. So no query's keys underflow against a larger key it does not see: with
+  one max over all positions (the Performer paper's code), a row whose keys have a larger norm
+  than a later key's gets a normalizer of 0 and NaN gradients (seen at head dimension 256
+  after seven training steps). A later key never moves an earlier output, not even by rounding.
+
   Args:
     query: `[B, T, N, H]`.
     key: `[B, S, K, H]` with N % K == 0.
@@ -467,36 +543,48 @@ def performer_attention(
   Returns:
     `[B, T, N, Hv]` in the query's dtype; with `return_weights`, (output, weights).
   """
-  key_max = None
+  logits = jax.lax.stop_gradient(_favor_logits(key, projection, scale))
+  own = jnp.max(logits, axis=-1)  # [B, S, K] each key's largest log-feature
+  valid = jnp.ones(key.shape[:2], bool)
+  if key_value_seq_lengths is not None:
+    valid &= jnp.arange(key.shape[1])[None, :] < jnp.asarray(key_value_seq_lengths)[:, None]
+  sequences = jnp.zeros(key.shape[:2], jnp.int32)
   if segment_ids is not None and jnp.shape(segment_ids) == key.shape[:2]:
-    # One key constant per packed sequence, as if each ran alone (the per-feature eps is
-    # relative to it, so a shared constant would couple the sequences at ~eps).
-    logits = jax.lax.stop_gradient(_favor_logits(key, projection, scale))
-    key_max = _segment_max(jnp.max(logits, axis=-1), jnp.asarray(segment_ids))[..., None]
+    sequences = jnp.asarray(segment_ids)
+    valid &= sequences != 0
+  # The key constant: the max over the keys a query sees (padding excluded, one sequence of a
+  # packed row at a time), a running max if causal.
+  seen = jnp.where(valid[..., None], own, -jnp.inf)
+  key_max = (_running_max(seen, sequences) if is_causal else _segment_max(seen, sequences))
+  key_max = jnp.where(jnp.isfinite(key_max), key_max, own)  # before any real key: unseen
+  features_max = jnp.where(valid[..., None], key_max, own)  # padding keys stay finite too
   return linear_attention(
       query, key, value,
       feature_map=lambda q: favor_features(q, projection, is_query=True, scale=scale),
       key_feature_map=lambda k: favor_features(k, projection, is_query=False, scale=scale,
-                                               eps=0.0, key_max=key_max),
-      is_causal=is_causal, key_value_seq_lengths=key_value_seq_lengths,
-      segment_ids=segment_ids, chunk_size=chunk_size, eps=_FAVOR_EPS,
-      return_weights=return_weights)
+                                               eps=0.0, key_max=features_max[..., None]),
+      key_stabilizer=key_max if is_causal else None, is_causal=is_causal,
+      key_value_seq_lengths=key_value_seq_lengths, segment_ids=segment_ids,
+      chunk_size=chunk_size, eps=_FAVOR_EPS, return_weights=return_weights)
 
 
-def _segment_max(x: Array, segments: Array) -> Array:
-  """`[B, T, K]`: the max of x `[B, T, K]` over each position's contiguous segment."""
+def _running_max(x: Array, segments: Array) -> Array:
+  """`[B, T, K]`: the max of x `[B, T, K]` over each position's segment up to the position
+  (segments: int `[B, T]`, contiguous ids)."""
 
   def combine(earlier, later):  # a running max that restarts where a segment starts
     (start1, max1), (start2, max2) = earlier, later
     return start1 | start2, jnp.where(start2, max2, jnp.maximum(max1, max2))
 
-  def running(x, segments):
-    starts = jnp.concatenate([jnp.ones_like(segments[:, :1], bool),
-                              segments[:, 1:] != segments[:, :-1]], axis=1)
-    return jax.lax.associative_scan(combine, (starts[..., None], x), axis=1)[1]
+  starts = jnp.concatenate([jnp.ones_like(segments[:, :1], bool),
+                            segments[:, 1:] != segments[:, :-1]], axis=1)
+  return jax.lax.associative_scan(combine, (starts[..., None], x), axis=1)[1]
 
-  backward = running(x[:, ::-1], segments[:, ::-1])[:, ::-1]
-  return jnp.maximum(running(x, segments), backward)
+
+def _segment_max(x: Array, segments: Array) -> Array:
+  """`[B, T, K]`: the max of x `[B, T, K]` over each position's whole segment."""
+  backward = _running_max(x[:, ::-1], segments[:, ::-1])[:, ::-1]
+  return jnp.maximum(_running_max(x, segments), backward)
 
 
 def performer_attention_step(
@@ -529,13 +617,11 @@ def performer_attention_step(
     (`[B, L, N, Hv]` in the query's dtype, the state after the L tokens).
   """
   logits = jax.lax.stop_gradient(_favor_logits(key, projection, scale))
-  step_max = jnp.max(logits, axis=(1, 3))  # [B, K]
-  key_max = jnp.where(state.length > 0, jnp.maximum(state.key_max, step_max), step_max)
-  rescale = jnp.exp(jnp.where(state.length > 0, state.key_max - key_max, 0.0))
-  state = state._replace(kv=state.kv * rescale[:, :, None, None], z=state.z * rescale[:, :, None])
+  running = _running_max(jnp.max(logits, axis=-1), jnp.zeros(key.shape[:2], jnp.int32))
+  key_max = jnp.where(state.length > 0, jnp.maximum(state.key_max[:, None], running), running)
   phi_q, phi_k, v = _features(
       query, key, value, lambda q: favor_features(q, projection, is_query=True, scale=scale),
       lambda k: favor_features(k, projection, is_query=False, scale=scale, eps=0.0,
-                               key_max=key_max[:, None, :, None]))
+                               key_max=key_max[..., None]))
   return _step(phi_q, phi_k, v, state, key_max, normalize=True, chunk_size=chunk_size,
                eps=_FAVOR_EPS, dtype=query.dtype)

@@ -6,6 +6,8 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import textwrap
 import warnings
@@ -14,6 +16,7 @@ import numpy as np
 import pytest
 
 from experiments import reproduce
+from launch import sweep
 
 FAKE_CLAIM = textwrap.dedent('''
     """A fake claim for the runner's test: RMSNorm and LayerNorm both end with a finite loss
@@ -279,6 +282,26 @@ def test_mqar_width_band():
   assert check(cells(linear64=0.9))[0] == "fail"  # linear recalls at 64 already
   assert check(cells(performer256=0.35))[0] == "fail"  # performer gains 0.05 < 0.10
   assert check(cells(linear256=math.nan))[0] == "incomplete"
+
+
+def test_mqar_width_performer_at_width_256_trains_through_the_command_line(tmp_path,
+                                                                          child_env):
+  """The claim's Performer point at width 256 (head dimension 256) diverged at step 7 of its
+  first run: with one key constant for all positions, a causal row that sees only large-norm
+  keys had a zero normalizer and NaN gradients (attn.ops.linear.performer_attention). Ten
+  steps of that point through experiments.main, warmup shortened so the learning rate is high
+  by step 7, train with a finite loss."""
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.main", "--config",
+       "experiments/reproductions/mqar_width.py:attention=performer,width=256",
+       "--workdir", str(tmp_path), "--config.train.num_steps=10",
+       "--config.optim.warmup_steps=2", "--config.train.eval_every=10",
+       "--config.train.progress_bar=False"],
+      cwd=sweep.REPO, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+  with open(tmp_path / "summary.json") as f:
+    summary = json.load(f)
+  assert summary["step"] == 10 and math.isfinite(summary["metrics"]["loss"])
 
 
 def test_prenorm_postnorm_band_counts_divergence_as_worse():

@@ -117,8 +117,7 @@ CAUSAL = [name for name, m in registry.mechanisms().items() if m.causal and name
 
 @pytest.mark.parametrize("mechanism", CAUSAL)
 def test_lm_with_each_causal_mechanism_is_causal_and_differs_from_softmax(mechanism):
-  """A later token never moves earlier logits (to float rounding: performer's key stabilizer
-  is a max over all keys, see attn.ops.linear.favor_features), and the mechanism replaced
+  """A later token never moves earlier logits (to float rounding), and the mechanism replaced
   softmax: different logits on the same parameters, or parameters of its own. Sparsity
   patterns (local, chunked, bigbird, longformer) equal softmax at this length with their
   default sizes; tests/models/test_patterns.py checks them where the pattern matters."""

@@ -235,11 +235,14 @@ def test_gated_exclusive_prefix_sum_restarts_after_closed_gates():
 
 
 @pytest.mark.parametrize("op", ["linear", "performer"])
-def test_recurrent_steps_equal_the_causal_parallel_form(op):
-  """A 5-token prompt, then one token at a time: the O(1) state reproduces every output; FAVOR+
-  keys that grow raise the running key max, so its rescaling is exercised."""
+@pytest.mark.parametrize("norms", [(0.3, 2.0), (3.0, 0.3)], ids=["growing", "shrinking"])
+def test_recurrent_steps_equal_the_causal_parallel_form(op, norms):
+  """A 5-token prompt, then one token at a time: the O(1) state reproduces every output. FAVOR+
+  keys whose norms change along the sequence move the running key max (growing: later keys
+  raise it; shrinking: early large-norm keys' log-features lie below later ones'), so the
+  state's rescaling is exercised both ways."""
   q, k, v = _qkv(2, seed=8, gain=0.7)
-  k = k * jnp.linspace(0.3, 2.0, T)[None, :, None, None]  # later keys dominate the max
+  k = k * jnp.linspace(*norms, T)[None, :, None, None]
   projection = linear.orthogonal_random_features(jax.random.key(2), 32, H)
   if op == "linear":
     full = linear.linear_attention(q, k, v, is_causal=True, chunk_size=4)
@@ -294,3 +297,41 @@ def test_returned_weights_are_the_implicit_attention_matrix(op, causal, packed):
   np.testing.assert_allclose(np.asarray(weights).sum(-1),
                              np.broadcast_to(np.where(real, 1.0, 0.0)[:, None], (3, N, T)),
                              atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_performer_keys_far_apart_in_norm_neither_underflow_nor_give_nan_gradients(causal):
+  """Keys whose norms differ by 10x: their FAVOR+ log-features lie ~100 apart, so with one
+  constant for all keys (the max over every position, as the Performer paper's code does) the
+  large-norm keys' features underflow to 0. Causal: rows whose queries see only large-norm
+  keys (row 0's first six; row 1, packed, the sequences before its padding) had a normalizer
+  of 0, zero outputs and NaN gradients (head dimension 256 diverged at step 7 of training).
+  Full: small-norm padding keys (past key_value_seq_lengths) must not set the constant of
+  large-norm real keys. Forward and gradients against the float64 oracle."""
+  rng = np.random.default_rng(11)
+  q, k, v = (rng.normal(size=(2, T, heads, H)) for heads in (N, 2, 2))
+  dout = rng.normal(size=(2, T, N, H))
+  projection = linear.orthogonal_random_features(jax.random.key(4), 32, H)
+  if causal:
+    k[0, :6] *= 10.0
+    k[1, :15] *= 10.0
+    segments = np.array([[1] * T, [1] * 7 + [2] * 8 + [0] * 4])
+    masks = dict(segment_ids=jnp.asarray(segments))
+  else:
+    k[0, :12] *= 10.0
+    k[1, :6] *= 10.0
+    segments = np.array([[1] * 12 + [0] * 7, [1] * T])  # the oracle's view of the lengths
+    masks = dict(key_value_seq_lengths=jnp.array([12, T]))
+    dout[segments == 0] = 0.0  # queries past the length see the keys; the oracle's are zeros
+  q, k, v = (jnp.asarray(x, jnp.float32) for x in (q, k, v))
+  fn = jax.jit(lambda q, k, v: linear.performer_attention(
+      q, k, v, projection, is_causal=causal, chunk_size=4, **masks))
+  out, vjp = jax.vjp(fn, q, k, v)
+  grads = vjp(jnp.asarray(dout, jnp.float32))
+  expected, expected_grads = _per_segment("performer", q, k, v, segments, causal, dout,
+                                          projection)
+  real = segments != 0
+  np.testing.assert_allclose(np.asarray(out)[real], expected[real], atol=1e-4, rtol=1e-4)
+  for ours, ref in zip(grads, expected_grads, strict=True):
+    assert np.all(np.isfinite(np.asarray(ours)))
+    np.testing.assert_allclose(ours, ref, atol=1e-3, rtol=1e-3)
