@@ -288,7 +288,8 @@ def _chunked(phi_q: Array, phi_k: Array, v: Array, chunk_size: int, *, causal: b
   padded = -(-q_len // c) * c
   pad = padded - q_len
   if stabilizer is not None:  # [B, K, n, C] the keys' constants; queries take the same
-    m_c = _to_length(_to_length(stabilizer.transpose(0, 2, 1), q_len), padded).reshape(batch, heads, -1, c)
+    m_c = _to_length(_to_length(stabilizer.transpose(0, 2, 1), q_len), padded)
+    m_c = m_c.reshape(batch, heads, -1, c)
     m_q = jnp.tile(m_c, (1, 1, 1, groups))  # [B, K, n, G*C], as q_c below
     end = m_c[..., -1]  # [B, K, n] each chunk's summary is on its last key's constant
     before_end = jnp.concatenate([end[..., :1], end[..., :-1]], axis=-1)  # what it receives
