@@ -20,7 +20,30 @@ Budget:   mqar_recall's setting (experiments/reproductions/mqar_recall.py: mqar/
           project's model defaults) at widths 64 and 256 (MLP 2 x width), three mechanisms:
           6 runs per seed. The paper's grid (widths 64-512, lengths 64-512) is beyond a
           2-core CPU (mqar_recall's Found: on length 64).
-Found:    not run yet.
+Found:    (2026-12-05) The first run (3 seeds) lost every Performer run at width 256: the gradient
+          norm was NaN by step ~7. The cause was FAVOR+'s key constant, one max over all positions:
+          a causal row whose keys all had larger norms than a later key's got key features that
+          underflow to 0, a zero normalizer and NaN gradients. Fixed in attn.ops.linear (each key on
+          the running max up to it, rescaled across chunks as the online softmax does;
+          tests/ops/test_linear.py, and this point's first ten steps through experiments.main in
+          tests/launch/test_reproduce.py); the Performer points were rerun with the fix (softmax and
+          linear do not use that code).
+          Measured at this budget (3 seeds, 2-core CPU shared by 2-4 runs, ~62 min at 2 runs at a
+          time; a width-256 linear or Performer run takes ~15 min): fails on two of its three
+          conditions. Softmax recalls at width 64 (1.000 / 1.000 / 0.999) but not at 256 (0.250 /
+          0.225 / 0.210): at lr 3e-3 its train loss falls slowly (3.77 / 2.95 / 2.76 nats at steps
+          100 / 300 / 600) and never leaves the guessing plateau. At width 64 linear (0.238 +-
+          0.021) and Performer (0.235 +- 0.011) guess, far below softmax, as the band says. From 64
+          to 256 linear gains 0.27 (0.504 +- 0.008: it recalls half the values), as the paper
+          reports; Performer gains 0.013 (0.248 +- 0.009), so a larger state buys it no recall here;
+          why is not measured (its 256 features are fixed, seed 0, the same in every layer).
+          After the run, a probe outside the band: softmax at width 256 with lr 1e-3 instead of 3e-3
+          recalls at every seed (1.000 / 1.000 / 1.000; 0.96 at step 200, seed 0). So softmax's
+          failure at 256 is the learning rate, which this budget fixes for every width (Zoology
+          tunes it per point); the band is unchanged and the claim stays a fail. Command of the
+          probe: python -m experiments.main --config
+          experiments/reproductions/mqar_width.py:attention=mha,width=256,lr=1e-3 --workdir
+          runs/probe (--config.seed=1, 2 for the other seeds).
 Command:  python -m experiments.reproduce --only mqar_width [--seeds 3]
 Hardware: a 2-core CPU: 6 runs per seed (measured times in the README's table).
 """
