@@ -523,10 +523,11 @@ def performer_attention(
   in the normalization if the keys a query sees share it. Non-causal: the max over the real
   keys (per packed sequence). Causal: the running max up to each key, and each query puts the
   keys it sees on its own position's constant (`linear_attention`'s `key_stabilizer`), as the
-  online softmax does. So no query's keys underflow against a larger key it does not see: with
-  one max over all positions (the Performer paper's code), a row whose keys have a larger norm
-  than a later key's gets a normalizer of 0 and NaN gradients (seen at head dimension 256
-  after seven training steps). A later key never moves an earlier output, not even by rounding.
+  online softmax does. So no query's keys underflow against a larger key it does not see. With
+  one max over all positions (as in the Performer paper's code, which adds an eps to every key
+  feature and so turns such rows into eps-weighted averages instead), a row whose keys have
+  larger norms than a later key's got a normalizer of 0 and NaN gradients here (head dimension
+  256, at step 7 of training). A later key never moves an earlier output, not even by rounding.
 
   Args:
     query: `[B, T, N, H]`.
