@@ -16,6 +16,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # emulator of tests/gcs.py does not serve: a 60 s timeout per bucket); any test may import it
 # before the emulator fixture sets its environment, so switch the probe off here.
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+# google-auth reads this at import time too: no probe of the GCE metadata server (off the
+# machine) when gcsfs asks it for default credentials.
+os.environ.setdefault("NO_GCE_CHECK", "true")
 
 import jax  # noqa: E402
 
@@ -33,3 +36,31 @@ def gcs(tmp_path_factory):
   from tests import gcs as gcs_lib
 
   yield from gcs_lib.session(str(tmp_path_factory.mktemp("gcs")))
+
+
+# Tests talk to loopback only (the GCS emulator, jax.distributed on 127.0.0.1). A test whose code
+# resolves any other host (gcsfs falling back to storage.googleapis.com, say) fails, named, even
+# where the code under test swallows the connection error and the test would otherwise pass.
+_LOOPBACK = ("localhost", "127.0.0.1", "::1", "0.0.0.0", "", None)
+_outside_calls: list[str] = []
+
+
+def _loopback_only(real_getaddrinfo):
+  def getaddrinfo(host, *args, **kwargs):
+    name = host.decode() if isinstance(host, bytes) else host
+    if name not in _LOOPBACK and not str(name).startswith("127."):
+      _outside_calls.append(str(name))
+      raise OSError(f"tests reach loopback only; this test asked for {name!r}")
+    return real_getaddrinfo(host, *args, **kwargs)
+  return getaddrinfo
+
+
+@pytest.fixture(autouse=True)
+def loopback_only(monkeypatch):
+  import socket
+
+  _outside_calls.clear()
+  monkeypatch.setattr(socket, "getaddrinfo", _loopback_only(socket.getaddrinfo))
+  yield
+  assert not _outside_calls, (f"the test tried to reach {sorted(set(_outside_calls))}: tests "
+                              "use loopback only (point the client at the emulator)")

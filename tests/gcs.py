@@ -13,6 +13,9 @@ processes inherit:
   `GOOGLE_AUTH_TOKEN_FOR_TESTING` instead of looking for real credentials.
 - ArrayRecord's reader (TFDS data sources) opens gs:// with google-cloud-cpp, which reads
   `CLOUD_STORAGE_EMULATOR_ENDPOINT` (and then sends no credentials).
+- google-auth, asked for default credentials, would probe the GCE metadata server at
+  169.254.169.254 (off the machine): `NO_GCE_CHECK=true` (read when google-auth is imported,
+  so tests/conftest.py sets it for the test process too).
 - gcsfs >= 2025 first asks the Storage Control gRPC API whether a bucket is hierarchical, which
   the emulator does not serve (60 s timeout per bucket): `GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false`.
 
@@ -51,6 +54,7 @@ class Emulator:
       "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
       "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
       "GOOGLE_CLOUD_PROJECT": "attn-test",
+      "NO_GCE_CHECK": "true",  # google-auth: no probe of the GCE metadata server (169.254.169.254)
     }
 
   def url(self, *parts: str) -> str:
