@@ -181,14 +181,14 @@ def _step(phi_q: Array, phi_k: Array, v: Array, state: RecurrentState,
                       stabilizer=stabilizer,
                       initial_stabilizer=None if stabilizer is None else state.key_max)
   out = num / (den[..., None] + eps) if normalize else num
-  key_max, decay = state.key_max, jnp.ones_like(state.key_max)
+  kv, z, key_max = state.kv, state.z, state.key_max
   if stabilizer is not None:  # the new state is on the last key's constant
     key_max = stabilizer[:, -1]
     decay = _rescale(state.key_max, key_max)
+    kv, z = decay[..., None, None] * kv, decay[..., None] * z
     phi_k = phi_k * _rescale(stabilizer, key_max[:, None])[..., None]
-  new_state = RecurrentState(
-      decay[..., None, None] * state.kv + jnp.einsum("bskf,bskh->bkfh", phi_k, v),
-      decay[..., None] * state.z + jnp.sum(phi_k, axis=1), key_max, state.length + steps)
+  new_state = RecurrentState(kv + jnp.einsum("bskf,bskh->bkfh", phi_k, v),
+                             z + jnp.sum(phi_k, axis=1), key_max, state.length + steps)
   return out.reshape(batch, steps, heads * groups, v.shape[-1]).astype(dtype), new_state
 
 
