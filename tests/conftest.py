@@ -5,6 +5,8 @@ conftest, before any test module imports jax.
 """
 
 import os
+import threading
+import time
 
 import pytest
 
@@ -64,3 +66,26 @@ def loopback_only(monkeypatch):
   yield
   assert not _outside_calls, (f"the test tried to reach {sorted(set(_outside_calls))}: tests "
                               "use loopback only (point the client at the emulator)")
+
+
+# A lock left held by a test keeps its heartbeat thread beating for the rest of the worker's
+# session, and past it: after the GCS emulator's environment is restored at the session's end, its
+# next beat opened a new gcsfs client aimed at storage.googleapis.com, and CI saw a DNS traceback
+# and a crashed xdist worker. Fail the test that leaves one running, named, instead.
+def _heartbeats() -> set[threading.Thread]:
+  from attn.train.workdir_lock import HEARTBEAT_THREAD
+
+  return {t for t in threading.enumerate() if t.name == HEARTBEAT_THREAD and t.is_alive()}
+
+
+@pytest.fixture(autouse=True)
+def no_lock_left_held():
+  before = _heartbeats()
+  yield
+  left = _heartbeats() - before
+  deadline = time.monotonic() + 5.0  # A release from another thread may be finishing its join.
+  while left and time.monotonic() < deadline:
+    time.sleep(0.05)
+    left = {t for t in left if t.is_alive()}
+  assert not left, (f"the test left {len(left)} workdir lock(s) held (their heartbeat threads "
+                    "still run): release them (lock.release(), or `with lock:`)")

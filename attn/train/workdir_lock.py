@@ -37,6 +37,7 @@ from attn import storage
 LOCK_FILE = "lock.json"
 HEARTBEAT_S = 10.0
 STALE_AFTER_S = 60.0
+HEARTBEAT_THREAD = "workdir-lock"  # The name of every held lock's heartbeat thread.
 
 
 class WorkdirBusyError(RuntimeError):
@@ -204,7 +205,7 @@ class _RecordLock(WorkdirLock):
   def _start_heartbeat(self) -> None:
     self._renewed = time.monotonic()
     self._stop.clear()
-    self._thread = threading.Thread(target=self._beat, name="workdir-lock", daemon=True)
+    self._thread = threading.Thread(target=self._beat, name=HEARTBEAT_THREAD, daemon=True)
     self._thread.start()
 
   def _beat(self) -> None:

@@ -94,7 +94,9 @@ def test_gcs_lease_refuses_a_second_holder_renews_and_is_released(gcs):
   lease.check()
   lease.release()
   assert not storage.exists(storage.join(url, "lock.json"))
-  workdir_lock.make_lock(url).acquire()  # Free again.
+  with workdir_lock.make_lock(url):  # Free again.
+    assert _lease_record(url)[0]["pid"] == os.getpid()
+  assert not storage.exists(storage.join(url, "lock.json"))
 
 
 def _foreign_lease(url: str, heartbeat_age: float) -> None:
