@@ -249,7 +249,7 @@ def test_performer_decodes_like_its_uncached_forward_with_features_drawn_once():
   step redraws the random features (no QR in the step's program: they are the constant drawn
   once from the seed, the very array training uses)."""
   from attn.layers import variants
-  from attn.ops import linear
+  from attn.ops import performer
 
   model, params, tokens = _model(attention="performer", position="rope",
                                  attention_options={"num_features": 16, "chunk_size": 4})
@@ -272,7 +272,7 @@ def test_performer_decodes_like_its_uncached_forward_with_features_drawn_once():
   assert not any(re.search(r"\bqr\[", p) for p in programs)
   features = variants.seed_features(0, 16, 8)
   assert features is variants.seed_features(0, 16, 8)  # drawn once
-  np.testing.assert_allclose(features, jax.jit(linear.orthogonal_random_features,
+  np.testing.assert_allclose(features, jax.jit(performer.orthogonal_random_features,
                                                static_argnums=(1, 2))(jax.random.key(0), 16, 8),
                              atol=1e-6)
 

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attn.layers import registry
-from attn.ops import linear, sparse, variants
+from attn.ops import linear, performer, sparse, variants
 from attn.ops import masks as masks_lib
 from attn.ops.attention import dot_product_attention
 from attn.ops.dispatch import IMPLEMENTATIONS
@@ -202,7 +202,7 @@ def seed_features(seed: int, num_features: int, head_dim: int) -> np.ndarray:
   """Performer's fixed `[M, H]` features for `seed`: computed once, eagerly (also when called
   while a function is being traced), so a jitted step holds them as a constant."""
   with jax.ensure_compile_time_eval():
-    features = linear.orthogonal_random_features(jax.random.key(seed), num_features, head_dim)
+    features = performer.orthogonal_random_features(jax.random.key(seed), num_features, head_dim)
     features = np.asarray(features)
   features.flags.writeable = False
   return features
@@ -235,15 +235,15 @@ class Performer(nn.Module):
   def __call__(self, query: Array, key: Array, value: Array, *, scale: float | None = None,
                **kwargs: Any) -> Array:
     if self.has_rng("features") and not self.decode:  # a redraw (training)
-      projection = linear.orthogonal_random_features(self.make_rng("features"),
+      projection = performer.orthogonal_random_features(self.make_rng("features"),
                                                      self.num_features, query.shape[-1])
     else:
       projection = seed_features(self.seed, self.num_features, query.shape[-1])
     return _recurrent(
         self, "performer", value, self.num_features, kwargs,
-        lambda **kw: linear.performer_attention(query, key, value, projection, scale=scale,
+        lambda **kw: performer.performer_attention(query, key, value, projection, scale=scale,
                                                 chunk_size=self.chunk_size, **kw),
-        lambda state: linear.performer_attention_step(query, key, value, projection, state,
+        lambda state: performer.performer_attention_step(query, key, value, projection, state,
                                                       scale=scale, chunk_size=self.chunk_size))
 
 

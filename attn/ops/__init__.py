@@ -8,6 +8,7 @@ from attn.ops import (
     linear,
     masks,
     mla,
+    performer,
     positions,
     reference,
     sparse,
@@ -16,7 +17,8 @@ from attn.ops import (
 from attn.ops.attention import dot_product_attention
 from attn.ops.blockwise import blockwise_attention
 from attn.ops.dispatch import IMPLEMENTATIONS, available_implementations
-from attn.ops.linear import linear_attention, performer_attention
+from attn.ops.linear import linear_attention
+from attn.ops.performer import performer_attention
 from attn.ops.variants import (
     cosine_attention,
     linformer_attention,
@@ -39,6 +41,7 @@ __all__ = [
     "linformer_attention",
     "masks",
     "mla",
+    "performer",
     "performer_attention",
     "positions",
     "reference",

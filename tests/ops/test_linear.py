@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attn.ops import linear, reference
+from attn.ops import linear, performer, reference
 from tests import np_reference
 
 B, T, N, H = 2, 19, 4, 8
@@ -91,12 +91,12 @@ def test_elu_plus_one_matches_the_normalized_closed_form_with_padding(causal, kv
 @pytest.mark.parametrize("op", ["linear", "performer"])
 def test_causality_gradient_wrt_future_keys_and_values_is_exactly_zero(op):
   q, k, v = (x[:1] for x in _qkv(2, seed=2, gain=0.5))
-  projection = linear.orthogonal_random_features(jax.random.key(0), 16, H)
+  projection = performer.orthogonal_random_features(jax.random.key(0), 16, H)
 
   def fn(k, v):
     if op == "linear":
       return linear.linear_attention(q, k, v, is_causal=True, chunk_size=4)
-    return linear.performer_attention(q, k, v, projection, is_causal=True, chunk_size=4)
+    return performer.performer_attention(q, k, v, projection, is_causal=True, chunk_size=4)
 
   jac_k, jac_v = jax.jit(jax.jacrev(fn, argnums=(0, 1)))(k, v)
   i, j = np_reference.positions(T, T)
@@ -111,10 +111,10 @@ def test_performer_converges_to_softmax_attention_as_features_grow(causal):
   q, k, v = _qkv(2, seed=3, gain=0.5)
   expected = reference.attention(q, k, v, is_causal=causal)
   errors = {}
-  performer = jax.jit(lambda p: linear.performer_attention(q, k, v, p, is_causal=causal))
-  features = jax.jit(linear.orthogonal_random_features, static_argnums=(1, 2))
+  attend = jax.jit(lambda p: performer.performer_attention(q, k, v, p, is_causal=causal))
+  features = jax.jit(performer.orthogonal_random_features, static_argnums=(1, 2))
   for m in (16, 512, 16384):
-    outs = [performer(features(jax.random.key(seed), m, H)) for seed in range(2)]
+    outs = [attend(features(jax.random.key(seed), m, H)) for seed in range(2)]
     errors[m] = np.mean([np.mean(np.abs(np.asarray(o) - expected)) for o in outs])
   assert errors[16] > errors[512] > errors[16384], errors
   assert errors[16384] < 0.25 * errors[16], errors
@@ -122,21 +122,21 @@ def test_performer_converges_to_softmax_attention_as_features_grow(causal):
 
 
 def test_orthogonal_random_features_are_orthogonal_in_blocks_and_redrawable():
-  w = np.asarray(linear.orthogonal_random_features(jax.random.key(0), 20, H))
+  w = np.asarray(performer.orthogonal_random_features(jax.random.key(0), 20, H))
   assert w.shape == (20, H)
   for start in (0, H):  # each block of H rows is orthogonal
     block = w[start:start + H]
     gram = block @ block.T
     np.testing.assert_allclose(gram - np.diag(np.diag(gram)), 0.0, atol=1e-4)
-  assert not np.allclose(w, linear.orthogonal_random_features(jax.random.key(1), 20, H))
+  assert not np.allclose(w, performer.orthogonal_random_features(jax.random.key(1), 20, H))
 
 
 def test_fully_masked_rows_are_zero_and_finite():
   q, k, v = _qkv(2, seed=4)
   lengths = jnp.array([T, 0])
-  projection = linear.orthogonal_random_features(jax.random.key(0), 32, H)
+  projection = performer.orthogonal_random_features(jax.random.key(0), 32, H)
   for fn in (lambda k: linear.linear_attention(q, k, v, key_value_seq_lengths=lengths),
-             lambda k: linear.performer_attention(q, k, v, projection,
+             lambda k: performer.performer_attention(q, k, v, projection,
                                                   key_value_seq_lengths=lengths)):
     out, grad = jax.jit(jax.value_and_grad(lambda k, fn=fn: jnp.sum(fn(k) ** 2)))(k)
     out = jax.jit(fn)(k)
@@ -197,13 +197,13 @@ def test_packed_segments_equal_each_sequence_alone_forward_and_gradients(op, cau
   q, k, v = (jnp.asarray(rng.normal(size=(3, T, heads, H)) * 0.7, jnp.float32)
              for heads in (N, 2, 2))
   dout = rng.normal(size=(3, T, N, H))
-  projection = linear.orthogonal_random_features(jax.random.key(1), 32, H)
+  projection = performer.orthogonal_random_features(jax.random.key(1), 32, H)
 
   def fn(q, k, v):
     if op == "linear":
       return linear.linear_attention(q, k, v, is_causal=causal, chunk_size=4,
                                      segment_ids=jnp.asarray(SEGMENTS))
-    return linear.performer_attention(q, k, v, projection, is_causal=causal, chunk_size=4,
+    return performer.performer_attention(q, k, v, projection, is_causal=causal, chunk_size=4,
                                       segment_ids=jnp.asarray(SEGMENTS))
 
   out, vjp = jax.vjp(jax.jit(fn), q, k, v)
@@ -243,14 +243,14 @@ def test_recurrent_steps_equal_the_causal_parallel_form(op, norms):
   state's rescaling is exercised both ways."""
   q, k, v = _qkv(2, seed=8, gain=0.7)
   k = k * jnp.linspace(*norms, T)[None, :, None, None]
-  projection = linear.orthogonal_random_features(jax.random.key(2), 32, H)
+  projection = performer.orthogonal_random_features(jax.random.key(2), 32, H)
   if op == "linear":
     full = linear.linear_attention(q, k, v, is_causal=True, chunk_size=4)
     step = jax.jit(functools.partial(linear.linear_attention_step, chunk_size=4))
     features = H
   else:
-    full = linear.performer_attention(q, k, v, projection, is_causal=True, chunk_size=4)
-    step = jax.jit(lambda q, k, v, s: linear.performer_attention_step(q, k, v, projection, s))
+    full = performer.performer_attention(q, k, v, projection, is_causal=True, chunk_size=4)
+    step = jax.jit(lambda q, k, v, s: performer.performer_attention_step(q, k, v, projection, s))
     features = 32
   state = linear.init_state(B, 2, features, H)
   outs = []
@@ -275,13 +275,13 @@ def test_returned_weights_are_the_implicit_attention_matrix(op, causal, packed):
   """weights @ v == the output to float32 precision; rows sum to 1 (padding rows to 0), zero
   outside the causal / segment pattern."""
   q, k, v = (jnp.concatenate([x, x[:1]]) for x in _qkv(2, seed=9, gain=0.7))  # B = 3
-  projection = linear.orthogonal_random_features(jax.random.key(3), 32, H)
+  projection = performer.orthogonal_random_features(jax.random.key(3), 32, H)
   kwargs = dict(is_causal=causal, chunk_size=4,
                 segment_ids=jnp.asarray(SEGMENTS) if packed else None)
   if op == "linear":
     fn = functools.partial(linear.linear_attention, q, k, v, **kwargs)
   else:
-    fn = functools.partial(linear.performer_attention, q, k, v, projection, **kwargs)
+    fn = functools.partial(performer.performer_attention, q, k, v, projection, **kwargs)
   out, weights = fn(return_weights=True)
   np.testing.assert_allclose(out, fn(), atol=2e-6, rtol=2e-5)
   v_rep = np.repeat(np.asarray(v, np.float64), 2, axis=2)
@@ -311,7 +311,7 @@ def test_performer_keys_far_apart_in_norm_neither_underflow_nor_give_nan_gradien
   rng = np.random.default_rng(11)
   q, k, v = (rng.normal(size=(2, T, heads, H)) for heads in (N, 2, 2))
   dout = rng.normal(size=(2, T, N, H))
-  projection = linear.orthogonal_random_features(jax.random.key(4), 32, H)
+  projection = performer.orthogonal_random_features(jax.random.key(4), 32, H)
   if causal:
     k[0, :6] *= 10.0
     k[1, :15] *= 10.0
@@ -324,7 +324,7 @@ def test_performer_keys_far_apart_in_norm_neither_underflow_nor_give_nan_gradien
     masks = dict(key_value_seq_lengths=jnp.array([12, T]))
     dout[segments == 0] = 0.0  # queries past the length see the keys; the oracle's are zeros
   q, k, v = (jnp.asarray(x, jnp.float32) for x in (q, k, v))
-  fn = jax.jit(lambda q, k, v: linear.performer_attention(
+  fn = jax.jit(lambda q, k, v: performer.performer_attention(
       q, k, v, projection, is_causal=causal, chunk_size=4, **masks))
   out, vjp = jax.vjp(fn, q, k, v)
   grads = vjp(jnp.asarray(dout, jnp.float32))
