@@ -51,7 +51,7 @@ from attn import provenance, storage
 from launch import grid, report, sweep
 
 CLAIMS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reproductions")
-PASS, FAIL, INCOMPLETE = "pass", "fail", "incomplete"
+PASS, FAIL, INCOMPLETE, NOT_RUN = "pass", "fail", "incomplete", "not run"
 TIMES_FILE = "wall_time.json"
 
 
@@ -215,7 +215,7 @@ def summarize(name: str, module: ModuleType, claim_dir: str) -> dict[str, Any]:
   """One claim's entry in results.json, from its run directories; writes its plot."""
   entry: dict[str, Any] = {
       "paper": getattr(module, "PAPER", ""), "claim": docstring_field(module.__doc__, "Claim"),
-      "band": getattr(module, "BAND", ""), "metric": module.SWEEP_METRIC, "status": "not run",
+      "band": getattr(module, "BAND", ""), "metric": module.SWEEP_METRIC, "status": NOT_RUN,
       "detail": "", "cells": [], "wall_s": None, "plot": None,
       "table": list(getattr(module, "TABLE", []))}
   if not storage.exists(storage.join(claim_dir, report.PLAN_FILE)):
@@ -307,7 +307,7 @@ def earlier_entries(paths: Sequence[str]) -> dict[str, dict[str, Any]]:
     for name, entry in earlier["claims"].items():
       entry = {**entry, "measured": entry.get("measured", stamp)}
       latest = entries.get(name, {}).get("measured", {}).get("written", "")
-      if entry["status"] != "not run" and entry["measured"]["written"] > latest:
+      if entry["status"] != NOT_RUN and entry["measured"]["written"] > latest:
         entries[name] = entry
   return entries
 
@@ -324,9 +324,9 @@ def write_results(workdir: str, claims: dict[str, str],
   for name, path in claims.items():
     module, _ = sweep.load_experiment(path)
     entry = summarize(name, module, storage.join(workdir, name))
-    if entry["status"] == "not run" and name in earlier:
+    if entry["status"] == NOT_RUN and name in earlier:
       entry = earlier[name]
-    elif entry["status"] != "not run":
+    elif entry["status"] != NOT_RUN:
       entry["measured"] = stamp
     summary["claims"][name] = entry
   storage.write_text_atomic(storage.join(workdir, "results.json"),
@@ -388,9 +388,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
       description=" ".join(__doc__.split("\n\n")[0].split()),
       epilog="Exit status: 0 when every chosen claim has its verdict (pass or fail: a claim "
              "outside its band is a result); 1 when a run failed without diverging (a crash, a "
-             "timeout) or a claim is incomplete; 2 for bad arguments (also a --set that is no "
-             "config field, or runs that trained with another config); 130 when "
-             "stopped (relaunch the same command to resume).")
+             "timeout), a claim is incomplete, or (--report) a claim was never run; 2 for bad "
+             "arguments (also a --set that is no config field, or runs that trained with "
+             "another config); 130 when stopped (relaunch the same command to resume).")
   parser.add_argument("--workdir", default="runs/reproduce",
                       help="one folder per claim, results.json / results.md / <claim>.png "
                            "(default: %(default)s; a gs:// URL works too)")
@@ -442,7 +442,8 @@ def _check_merge_file(parser: argparse.ArgumentParser, path: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
   """Runs the claims; returns 1 if a run failed without diverging or a chosen claim is
-  incomplete, else 0 (pass or fail: the verdict is in results.md); 2 for bad arguments."""
+  incomplete or (on --report) not run, else 0 (pass or fail: the verdict is in results.md);
+  2 for bad arguments."""
   args = parse_args(sys.argv[1:] if argv is None else argv)
   claims = claim_files(args.claims_dir)
   unknown = sorted(set(args.only) - set(claims))
@@ -477,7 +478,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   if incomplete:
     print(f"Incomplete (a run has no result yet): {', '.join(incomplete)}; relaunch the same "
           "command to finish them.")
-  return 1 if incomplete else 0
+  never = [n for n in chosen if summary["claims"][n]["status"] == NOT_RUN]  # only on --report
+  if never:
+    print(f"Not run (no runs in {args.workdir} and none merged): {', '.join(never)}; run them "
+          f"with {' '.join(f'--only {n}' for n in never)} without --report, or --merge the "
+          "results.json that has them.")
+  return 1 if incomplete or never else 0
 
 
 if __name__ == "__main__":

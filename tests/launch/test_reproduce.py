@@ -193,6 +193,12 @@ def test_runner_runs_skips_resumes_and_reports(tmp_path, child_env, capsys):
     merged = json.load(f)["claims"]["trains"]
   assert merged["detail"] == "measured elsewhere" and merged["measured"] == {
       "commit": before["provenance"]["commit"], "written": "2099-01-01T00:00:00"}
+  # A report of claims that were never run, here or in a merged file, gives no verdict: exit 1.
+  capsys.readouterr()
+  assert reproduce.main(["--claims_dir", claims, "--workdir", str(tmp_path / "empty"),
+                         "--report"]) == 1
+  assert ("Not run (no runs in {} and none merged): too_good, trains; run them with --only "
+          "too_good --only trains".format(tmp_path / "empty")) in capsys.readouterr().out
 
 
 def _cells(rows):
@@ -288,7 +294,7 @@ def test_mqar_width_performer_at_width_256_trains_through_the_command_line(tmp_p
                                                                           child_env):
   """The claim's Performer point at width 256 (head dimension 256) diverged at step 7 of its
   first run: with one key constant for all positions, a causal row that sees only large-norm
-  keys had a zero normalizer and NaN gradients (attn.ops.linear.performer_attention). Ten
+  keys had a zero normalizer and NaN gradients (attn.ops.performer.performer_attention). Ten
   steps of that point through experiments.main, warmup shortened so the learning rate is high
   by step 7, train with a finite loss."""
   proc = subprocess.run(
