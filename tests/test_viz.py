@@ -1,6 +1,8 @@
 """attn.viz: captured weights against the reference attention, and the figures it draws."""
 
+import io
 import json
+import warnings
 
 import flax.linen as nn
 import jax
@@ -174,6 +176,13 @@ def test_token_labels():
   ids = [1, *tokenizer.encode("a b\n"), 2, 0]
   assert viz.token_labels(ids, tokenizer) == ["<s>", "a", "\u2423", "b", "\\n", "</s>", "<pad>"]
   assert viz.token_labels(np.array([[7, 8]])) == ["7", "8"]
+  # Control bytes have no glyph: escaped, so the figure draws without a missing-glyph warning.
+  controls = tokenizer.encode("\x7f\x00\x1b")
+  assert viz.token_labels(controls, tokenizer) == ["\\x7f", "\\x00", "\\x1b"]
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    fig = viz.attention_grid(np.full((1, 1, 3, 3), 1 / 3), viz.token_labels(controls, tokenizer))
+    fig.savefig(io.BytesIO(), format="png")
 
 
 def test_cross_attention_figure():

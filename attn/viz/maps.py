@@ -25,7 +25,8 @@ _VISIBLE = {" ": "\u2423", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
 
 
 def token_labels(ids: Sequence[int] | np.ndarray, tokenizer: Any = None) -> list[str]:
-  """One short, visible label per token id: special ids named, whitespace shown."""
+  """One short, visible label per token id: special ids named, whitespace and other control
+  characters shown (a DEL or NUL byte has no glyph in matplotlib's fonts: it warned)."""
   labels = []
   for i in np.asarray(ids).reshape(-1).tolist():
     if i in _SPECIAL:
@@ -35,7 +36,8 @@ def token_labels(ids: Sequence[int] | np.ndarray, tokenizer: Any = None) -> list
     else:
       text = tokenizer.decode([i])
       # A lone byte of a multi-byte character decodes to U+FFFD: show the id instead.
-      visible = "".join(_VISIBLE.get(c, c) for c in text)
+      visible = "".join(_VISIBLE.get(c, c if c.isprintable() else f"\\x{ord(c):02x}")
+                        for c in text)
       labels.append(visible if visible and "\ufffd" not in visible else f"#{i}")
   return labels
 
