@@ -12,10 +12,10 @@ is ACTIVE), setup (on all workers: the copied working tree, or `--repo URL --ref
 and moved to REF's latest commit; then Python 3.11 from `uv` (TPU images ship 3.10) and
 ~/attn/.venv with `.[tpu]`, pinned by requirements/tpu.txt when the tree has it), run
 (experiments.main on all workers with the same command; `--sweep_point NAME` runs one point of
-the experiment's sweep), sweep
-(launch.sweep on worker 0: single-host slices only), logs, stop, delete, and up (create if
-missing + setup + run). `--dry_run` prints every gcloud command and runs none (create's
-`describe`, with what each state leads to as comments).
+the experiment's sweep), sweep (launch.sweep on worker 0: single-host slices only, refused on a
+multi-host one), logs, stop, delete, and up (create if missing + setup + run). `--dry_run`
+prints every gcloud command and runs none (create's `describe`, with what each state leads to
+as comments).
 
 Every host runs the same `python -m experiments.main` command; JAX finds its peers on a pod
 slice by itself (attn.train.distributed), so nothing here passes ranks. On a multi-host slice the
@@ -347,6 +347,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
       "slice: every worker would write its own copy and the multi-host checkpoint would fail. "
       "Use a gs:// workdir (--workdir gs://BUCKET/runs/NAME), or, for a gcsfuse / NFS mount "
       "that every worker sees at that path, add --shared_workdir.")
+  if args.command == "sweep" and multi_host(args.accelerator):
+    parser.error(
+      f"sweep runs launch.sweep on worker 0 only, but {args.accelerator} is a multi-host slice: "
+      "every run needs all its workers (their TPU runtimes start together), so it would wait "
+      "for the others forever. Run the points one at a time on all workers with "
+      "`run --sweep_point NAME` (names: python -m launch.sweep --config ... --dry_run), or "
+      "sweep on a single-host slice (e.g. --accelerator v5litepod-8).")
   if args.command == "logs" and not args.run:
     parser.error("logs needs --run (the log name that `run` printed).")
   return args

@@ -217,8 +217,9 @@ def test_up_is_create_setup_run_follow(capsys):
     ["tpu-vm", "ssh"], ["tpu-vm", "ssh"]]
 
 
-def test_a_multi_host_slice_refuses_a_local_workdir(capsys):
-  """Each worker would write its own /home/...: refused before any command, dry run or not."""
+def test_a_multi_host_slice_refuses_a_local_workdir_and_a_sweep(capsys):
+  """Each worker would write its own /home/...: refused before any command, dry run or not.
+  So is `sweep` (worker 0 alone cannot start a multi-host run)."""
   for command in ("up", "run"):
     argv = [command, *VM, "--accelerator", "v4-16", "--config", "experiments/lm.py"]
     with pytest.raises(SystemExit) as info:
@@ -231,6 +232,14 @@ def test_a_multi_host_slice_refuses_a_local_workdir(capsys):
     assert "gs://B/runs/lm" in _dry(tpu_vm.main, [*argv, "--workdir", "gs://B/runs/lm"],
                                     capsys)[-2]
     assert _dry(tpu_vm.main, [*argv, "--workdir", "/mnt/nfs/lm", "--shared_workdir"], capsys)
+  # A sweep runs on worker 0 alone: refused on a multi-host slice, whatever the workdir.
+  sweep_argv = ["sweep", *VM, "--config", "experiments/lm.py", "--workdir", "gs://B/s", "--dry_run"]
+  with pytest.raises(SystemExit) as info:
+    tpu_vm.main([*sweep_argv, "--accelerator", "v4-16"])
+  err = capsys.readouterr().err
+  assert info.value.code == 2 and "v4-16 is a multi-host slice" in err
+  assert "`run --sweep_point NAME`" in err
+  assert _dry(tpu_vm.main, [*sweep_argv, "--accelerator", "v4-8"], capsys)
   assert [tpu_vm.multi_host(a) for a in ("v4-8", "v4-16", "v5litepod-8", "v5litepod-16",
                                           "v5p-8", "v6e-256", "v3-32", "custom")] == [
     False, True, False, True, False, True, True, False]
