@@ -104,7 +104,9 @@ def load_experiment(spec: str) -> tuple[ModuleType, str | None]:
 def get_points(module: ModuleType, arg: str | None) -> list[grid.Point]:
   """The experiment's sweep points; `get_sweep(arg)` if it takes the arg, else `get_sweep()`."""
   if not hasattr(module, "get_sweep"):
-    raise ValueError(f"{module.__file__} has no get_sweep(); it is not a sweep.")
+    raise ValueError(f"{module.__file__} has no get_sweep(); it is not a sweep. Train it alone "
+                     "with `python -m experiments.main --config FILE --workdir DIR`, or sweep an "
+                     "experiment that defines get_sweep() (its points, see launch/grid.py).")
   takes_arg = bool(inspect.signature(module.get_sweep).parameters)
   points = module.get_sweep(arg) if takes_arg else module.get_sweep()
   return [dict(p) for p in points]
@@ -479,9 +481,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.report and not args.config:
     print(report.write_report(args.workdir, metric=args.metric))
     return 0
-  module, arg = load_experiment(args.config)
+  try:  # A missing file, a file with no sweep, a point that is no config field: one line.
+    module, arg = load_experiment(args.config)
+    runs = plan(args.config, seeds=args.seeds, filters=args.filter)
+  except (FileNotFoundError, ValueError) as e:
+    print(f"Config error: {e}", file=sys.stderr)
+    return 2
   metric = args.metric or getattr(module, "SWEEP_METRIC", None)
-  runs = plan(args.config, seeds=args.seeds, filters=args.filter)
   if not runs:
     print("No run matches the filters.")
     return 1

@@ -77,6 +77,22 @@ def test_dry_run_prints_commands_and_runs_nothing(tmp_path, capsys):
   assert os.listdir(tmp_path) == []
 
 
+def test_a_file_that_is_no_sweep_is_one_line_naming_the_fix(tmp_path, capsys):
+  """Exit status 2 and a `Config error:` line, no traceback, before anything is written."""
+  argv = ["--workdir", str(tmp_path / "w"), "--dry_run", "--config"]
+  assert sweep.main([*argv, "experiments/lm.py"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("Config error: ") and "lm.py has no get_sweep(); it is not a sweep" in err
+  assert "python -m experiments.main --config FILE" in err
+  assert sweep.main([*argv, str(tmp_path / "nope.py")]) == 2
+  assert capsys.readouterr().err == f"Config error: No experiment file {tmp_path / 'nope.py'}.\n"
+  bad = tmp_path / "bad.py"
+  bad.write_text(open(FIXTURE).read().replace('"arg.norm": "nonsense"', '"model.nrom": "x"'))
+  assert sweep.main([*argv, str(bad)]) == 2
+  assert "model.nrom" in capsys.readouterr().err
+  assert not os.path.exists(tmp_path / "w")
+
+
 def test_arguments_are_checked():
   with pytest.raises(SystemExit):
     sweep.parse_args(["--workdir", "w"])  # no --config
