@@ -92,6 +92,9 @@ def load_experiment(spec: str) -> tuple[ModuleType, str | None]:
   path = os.path.abspath(path)
   if not os.path.exists(path):
     raise FileNotFoundError(f"No experiment file {path}.")
+  if not (os.path.isfile(path) and path.endswith(".py")):
+    raise ValueError(f"{path} is not an experiment file: a .py file with get_config(), e.g. "
+                     "experiments/norm_ablation.py.")
   if REPO not in sys.path:  # Experiment files import `experiments.common`.
     sys.path.insert(0, REPO)
   name = "_sweep_" + os.path.splitext(os.path.basename(path))[0]
@@ -199,6 +202,48 @@ def config_changes(module: ModuleType, arg: str | None, workdir: str, runs: Sequ
   return out
 
 
+def _field(config: Any, key: str) -> Any:
+  for part in key.split("."):
+    config = config[part]
+  return config
+
+
+def _static_error(config: Any) -> str | None:
+  """What the trainer would refuse in this config before it needs devices or data, or None."""
+  from attn.train import config as config_lib  # Deferred: it imports the trainer's config.
+
+  try:
+    config_lib.validate(config)
+    config_lib.model_config(config)
+  except config_lib.ConfigError as e:
+    return str(e)
+  return None
+
+
+def check_sets(module: ModuleType, arg: str | None, runs: Sequence[Run],
+               extra: Sequence[str]) -> None:
+  """ValueError unless every --set names a field that no two runs of the sweep set apart (the
+  runs would keep their names and all train with the --set's value) and leaves a valid config
+  valid (a point whose own config the trainer refuses fails as that run, --set or not)."""
+  if not extra or not runs:
+    return
+  bases = {run.name: resolved_config(module, arg, run) for run in runs}
+  for item in extra:
+    key = item.partition("=")[0]
+    parse_set(next(iter(bases.values())), item)  # Not a field / does not parse: named here.
+    swept = {json.dumps(_field(c, key), default=str, sort_keys=True) for c in bases.values()}
+    if len(swept) > 1:
+      raise ValueError(
+        f"--set {item!r}: the sweep varies {key} ({', '.join(sorted(swept))}), so every run would "
+        "train with the same value under its own name. Choose points with --filter, or change "
+        "the experiment's get_sweep().")
+  for run in runs:
+    if _static_error(bases[run.name]) is None:
+      error = _static_error(resolved_config(module, arg, run, extra))
+      if error is not None:
+        raise ValueError(f"--set {' '.join(extra)}: {error} (run {run.name})")
+
+
 CHANGE_REMEDY = ("Use another --workdir for the new config, or --allow_config_change to continue "
                  "these runs with it from their newest checkpoints (recorded in each run's "
                  "config.json).")
@@ -214,10 +259,12 @@ def check_configs(module: ModuleType, arg: str | None, workdir: str, runs: Seque
   run done) and the refusal to print, or None: a finished run with a trajectory change (no step
   is left to continue with it, allowed or not), or an unfinished one without
   `allow_config_change` (that refusal ends with `remedy`). ValueError for a --set that is not a
-  field or does not parse.
+  field, does not parse, overrides a field the sweep varies, or makes a valid config invalid
+  (`check_sets`).
   """
   from attn.train import config_identity  # Deferred: it imports the trainer's config.
 
+  check_sets(module, arg, runs, extra)
   changes = config_changes(module, arg, workdir, runs, extra)
   moved = [name for name, c in changes.items()
            if config_identity.split(c)[0] or "train.num_steps" in c]

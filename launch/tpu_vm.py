@@ -352,7 +352,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
       f"sweep runs launch.sweep on worker 0 only, but {args.accelerator} is a multi-host slice: "
       "every run needs all its workers (their TPU runtimes start together), so it would wait "
       "for the others forever. Run the points one at a time on all workers with "
-      "`run --sweep_point NAME` (names: python -m launch.sweep --config ... --dry_run), or "
+      "`run --sweep_point NAME` (the names: python -m launch.sweep --config FILE --workdir DIR "
+      "--dry_run), or "
       "sweep on a single-host slice (e.g. --accelerator v5litepod-8).")
   if args.command == "logs" and not args.run:
     parser.error("logs needs --run (the log name that `run` printed).")

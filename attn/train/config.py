@@ -240,6 +240,19 @@ def mechanism_conflicts(config: ml_collections.ConfigDict, kind: str,
   return out
 
 
+def model_config(config: ml_collections.ConfigDict) -> Any:
+  """`validate`d config -> its `models.ModelConfig`, checked against the attention mechanism:
+  all a launcher can check before a run starts (no devices, no data). Raises ConfigError."""
+  from attn import models  # Deferred: config errors surface before the model imports.
+
+  try:
+    model_cfg = models.ModelConfig.from_config(config.model)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(str(e)) from e
+  check_mechanism(config, model_cfg)
+  return model_cfg
+
+
 def check_mechanism(config: ml_collections.ConfigDict, model_cfg: Any) -> None:
   """The attention mechanism must do what this run asks of it (registry capabilities): packed
   text, sampling / BLEU decoding. The kind and the options were checked by ModelConfig."""

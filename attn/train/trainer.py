@@ -110,13 +110,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     identity = config_identity.check(workdir, config, allow_change=allow_config_change)
     if lock is not None:
       hooks = (*hooks, lambda *_: lock.check())
+    model_cfg = config_lib.model_config(config)
     from attn import models  # Deferred so that config errors surface before model imports.
 
-    try:
-      model_cfg = models.ModelConfig.from_config(config.model)
-    except (TypeError, ValueError) as e:
-      raise config_lib.ConfigError(str(e)) from e
-    config_lib.check_mechanism(config, model_cfg)
     mesh = sharding_lib.make_mesh(config.mesh)
     axis_rules = sharding_lib.rules(config.mesh)
     sharding_lib.check_model_fits(mesh, model_cfg, batch_size=t.batch_size,

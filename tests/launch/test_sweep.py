@@ -86,10 +86,34 @@ def test_a_file_that_is_no_sweep_is_one_line_naming_the_fix(tmp_path, capsys):
   assert "python -m experiments.main --config FILE" in err
   assert sweep.main([*argv, str(tmp_path / "nope.py")]) == 2
   assert capsys.readouterr().err == f"Config error: No experiment file {tmp_path / 'nope.py'}.\n"
+  for not_python in (tmp_path, "README.md"):
+    assert sweep.main([*argv, str(not_python)]) == 2
+    assert "is not an experiment file: a .py file with get_config()" in capsys.readouterr().err
   bad = tmp_path / "bad.py"
   bad.write_text(open(FIXTURE).read().replace('"arg.norm": "nonsense"', '"model.nrom": "x"'))
   assert sweep.main([*argv, str(bad)]) == 2
   assert "model.nrom" in capsys.readouterr().err
+  assert not os.path.exists(tmp_path / "w")
+
+
+def test_a_set_is_refused_where_it_overrides_a_swept_field_or_breaks_a_valid_run(tmp_path,
+                                                                                 capsys):
+  """Checked for every run before any starts (the dry run too): a --set of the field the sweep
+  varies would train every point with one value under its own name; one that the trainer would
+  refuse for a run whose own config is valid would fail every run after starting it."""
+  argv = ["--config", FIXTURE, "--workdir", str(tmp_path / "w"), "--dry_run", "--set"]
+  assert sweep.main([*argv, "model.norm=rmsnorm"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("Config error: --set 'model.norm=rmsnorm': the sweep varies model.norm "
+                        '("layernorm", "nonsense", "rmsnorm")') and "--filter" in err
+  # The nonsense point is refused by the trainer with or without the --set: it fails as that
+  # run (the end-to-end test); the valid points name the --set.
+  assert sweep.main([*argv, "optim.warmup_steps=100000"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("Config error: --set optim.warmup_steps=100000: config.optim."
+                        "warmup_steps (100000) exceeds the decay length") and \
+      "(run norm=layernorm)" in err
+  assert sweep.main([*argv, "train.eval_every=3"]) == 0  # A valid --set passes.
   assert not os.path.exists(tmp_path / "w")
 
 
