@@ -294,11 +294,11 @@ def markdown(summary: dict[str, Any]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def earlier_entries(paths: Sequence[str]) -> dict[str, dict[str, Any]]:
+def earlier_entries(paths: Sequence[str]) -> dict[str, tuple[dict[str, Any], str]]:
   """The measured claims of earlier results.json files (those that exist), each stamped with
-  the commit and date it was written at (a stamp it already carries is kept); where several
-  files measured a claim, the latest."""
-  entries: dict[str, dict[str, Any]] = {}
+  the commit and date it was written at (a stamp it already carries is kept), with the file it
+  came from; where several files measured a claim, the latest."""
+  entries: dict[str, tuple[dict[str, Any], str]] = {}
   for path in paths:
     if not storage.exists(path):
       continue
@@ -306,10 +306,21 @@ def earlier_entries(paths: Sequence[str]) -> dict[str, dict[str, Any]]:
     stamp = {"commit": earlier["provenance"]["commit"], "written": earlier["written"]}
     for name, entry in earlier["claims"].items():
       entry = {**entry, "measured": entry.get("measured", stamp)}
-      latest = entries.get(name, {}).get("measured", {}).get("written", "")
+      latest = entries[name][0]["measured"]["written"] if name in entries else ""
       if entry["status"] != NOT_RUN and entry["measured"]["written"] > latest:
-        entries[name] = entry
+        entries[name] = entry, path
   return entries
+
+
+def _copy_plot(entry: dict[str, Any], source: str, workdir: str) -> None:
+  """A merged claim's plot, beside the results.md that links it (if its file has it)."""
+  plot = entry.get("plot")
+  if not plot:
+    return
+  have = storage.join(workdir, plot)
+  found = storage.join(os.path.dirname(source), plot)
+  if not storage.exists(have) and storage.exists(found):
+    storage.write_bytes_atomic(have, storage.read_bytes(found))
 
 
 def write_results(workdir: str, claims: dict[str, str],
@@ -325,7 +336,8 @@ def write_results(workdir: str, claims: dict[str, str],
     module, _ = sweep.load_experiment(path)
     entry = summarize(name, module, storage.join(workdir, name))
     if entry["status"] == NOT_RUN and name in earlier:
-      entry = earlier[name]
+      entry, source = earlier[name]
+      _copy_plot(entry, source, workdir)
     elif entry["status"] != NOT_RUN:
       entry["measured"] = stamp
     summary["claims"][name] = entry
@@ -471,6 +483,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       failed_runs += [f"{name}/{run}" for run, state in outcome.items() if state == "failed"]
   summary = write_results(args.workdir, claims, args.merge)
   print(storage.read_text(storage.join(args.workdir, "results.md")))
+  print(f"Wrote {storage.join(args.workdir, 'results.md')}, results.json and the plots beside it.")
   if failed_runs:
     print(f"{len(failed_runs)} run(s) exited with an error (a diverged run is a result; the "
           f"others are in 'incomplete' below; see <run>/error.json): {', '.join(failed_runs)}")

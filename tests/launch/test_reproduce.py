@@ -193,6 +193,14 @@ def test_runner_runs_skips_resumes_and_reports(tmp_path, child_env, capsys):
     merged = json.load(f)["claims"]["trains"]
   assert merged["detail"] == "measured elsewhere" and merged["measured"] == {
       "commit": before["provenance"]["commit"], "written": "2099-01-01T00:00:00"}
+  # Merged into a workdir of its own: the merged claim's plot is copied beside its results.md.
+  fresh = tmp_path / "fresh"
+  shutil.copy(os.path.join(work, "trains.png"), tmp_path / "trains.png")  # beside other.json
+  assert reproduce.main(["--claims_dir", claims, "--workdir", str(fresh), "--only", "trains",
+                         "--report", "--merge", str(tmp_path / "other.json")]) == 0
+  assert "![trains](trains.png)" in (fresh / "results.md").read_text()
+  assert (fresh / "trains.png").read_bytes() == (tmp_path / "trains.png").read_bytes()
+  assert f"Wrote {fresh / 'results.md'}, results.json" in capsys.readouterr().out
   # A report of claims that were never run, here or in a merged file, gives no verdict: exit 1.
   capsys.readouterr()
   assert reproduce.main(["--claims_dir", claims, "--workdir", str(tmp_path / "empty"),
