@@ -9,6 +9,7 @@ nothing). Multi-host: every host runs this same command (see attn.train.distribu
 
 import ctypes
 import os
+import re
 import signal
 import sys
 
@@ -43,11 +44,38 @@ def stop_with_launcher() -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
+def _load_error(e: OSError) -> str:
+  cause = e.__cause__ if isinstance(e.__cause__, OSError) else e
+  return f"Config error: --config could not be loaded: {cause}"
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, where a --config.* override of a field the config does not have is
+  one `Config error:` line (ml_collections raised a KeyError traceback ending in its
+  did-you-mean)."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except OSError as e:  # The file did not load and a --config.* override was applied to it.
+    sys.exit(_load_error(e))
+  except (KeyError, AttributeError) as e:
+    text = str(e).replace('\\"', '"').replace("\\'", "'")
+    hint = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text)
+    missing = hint.group(2) if hint else (re.findall(r"'(\w+)'", text) or [""])[0]
+    overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+    named = [a for a in overrides if missing and missing in a.split(".")] or overrides
+    sys.exit(f"Config error: {', '.join(named) or 'an override'} names no field of the config"
+             + (f' (did you mean "{hint.group(1)}"?).' if hint else "."))
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   stop_with_launcher()
   config = _CONFIG.value
+  try:
+    config.get("train")  # A file that failed to load is an object that raises on any access.
+  except OSError as e:
+    sys.exit(_load_error(e))
   logging.set_verbosity(logging.WARNING)  # Orbax logs every step of every save at INFO.
   distributed.maybe_initialize(config.train.heartbeat_timeout_s)
   try:
@@ -72,4 +100,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -63,3 +63,12 @@ def test_bad_override_exits_with_a_message(data_dir, tmp_path):
   assert proc.returncode == 1
   assert "Config error: config.mesh" in proc.stderr
   assert "Traceback" not in proc.stderr
+  # An override of a field the config lacks, and a config file that is not there: one line each.
+  proc = _main(str(tmp_path / "bad"), data_dir, "--config.model.nrom=rmsnorm")
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr
+  assert proc.stderr.strip() == ("Config error: --config.model.nrom names no field of the "
+                                 'config (did you mean "norm"?).')
+  proc = _main(str(tmp_path / "bad"), data_dir, "--config=experiments/nope.py")
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr
+  assert proc.stderr.startswith("Config error: --config could not be loaded:")
+  assert "No such file or directory: 'experiments/nope.py'" in proc.stderr
