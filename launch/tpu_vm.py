@@ -61,6 +61,19 @@ def multi_host(accelerator: str) -> bool:
   return size.isdigit() and int(size) > 8
 
 
+def host_chips(accelerator: str) -> int | None:
+  """TPU chips of a single-host accelerator type, or None if unknown: v2-v4 and v5p names count
+  TensorCores (two a chip), v5litepod / v5e / v6e names count chips."""
+  family, _, size = accelerator.rpartition("-")
+  if not size.isdigit() or multi_host(accelerator):
+    return None
+  if family in ("v2", "v3", "v4", "v5p"):
+    return max(int(size) // 2, 1)
+  if family in ("v5litepod", "v5e", "v6e"):
+    return int(size)
+  return None
+
+
 def _scope(args: argparse.Namespace) -> list[str]:
   """--zone and --project, which every gcloud command takes."""
   out = [f"--zone={args.zone}"]
@@ -355,6 +368,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
       "`run --sweep_point NAME` (the names: python -m launch.sweep --config FILE --workdir DIR "
       "--dry_run), or "
       "sweep on a single-host slice (e.g. --accelerator v5litepod-8).")
+  chips = host_chips(args.accelerator)
+  if args.command == "sweep" and chips is not None and args.parallel > chips:
+    parser.error(f"--parallel {args.parallel}: {args.accelerator} has {chips} TPU chip(s) and a "
+                 f"chip serves one run; use --parallel {chips} or less.")
   if args.command == "logs" and not args.run:
     parser.error("logs needs --run (the log name that `run` printed).")
   return args

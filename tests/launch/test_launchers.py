@@ -240,6 +240,15 @@ def test_a_multi_host_slice_refuses_a_local_workdir_and_a_sweep(capsys):
   assert info.value.code == 2 and "v4-16 is a multi-host slice" in err
   assert "`run --sweep_point NAME`" in err
   assert _dry(tpu_vm.main, [*sweep_argv, "--accelerator", "v4-8"], capsys)
+  # One run per chip: a v4-8 has 4 chips (its name counts TensorCores), a v5litepod-8 has 8.
+  with pytest.raises(SystemExit):
+    tpu_vm.main([*sweep_argv, "--accelerator", "v4-8", "--parallel", "8"])
+  assert "--parallel 8: v4-8 has 4 TPU chip(s)" in capsys.readouterr().err
+  assert _dry(tpu_vm.main, [*sweep_argv, "--accelerator", "v4-8", "--parallel", "4"], capsys)
+  assert _dry(tpu_vm.main, [*sweep_argv, "--accelerator", "v5litepod-8", "--parallel", "8"],
+              capsys)
+  assert [tpu_vm.host_chips(a) for a in ("v4-8", "v5p-8", "v3-8", "v5litepod-4", "v6e-8",
+                                         "v4-16", "custom")] == [4, 4, 4, 4, 8, None, None]
   assert [tpu_vm.multi_host(a) for a in ("v4-8", "v4-16", "v5litepod-8", "v5litepod-16",
                                           "v5p-8", "v6e-256", "v3-32", "custom")] == [
     False, True, False, True, False, True, True, False]
