@@ -366,8 +366,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
       "every run needs all its workers (their TPU runtimes start together), so it would wait "
       "for the others forever. Run the points one at a time on all workers with "
       "`run --sweep_point NAME` (the names: python -m launch.sweep --config FILE --workdir DIR "
-      "--dry_run), or "
-      "sweep on a single-host slice (e.g. --accelerator v5litepod-8).")
+      "--dry_run), or sweep on a single-host slice (e.g. --accelerator v5litepod-8).")
   chips = host_chips(args.accelerator)
   if args.command == "sweep" and chips is not None and args.parallel > chips:
     parser.error(f"--parallel {args.parallel}: {args.accelerator} has {chips} TPU chip(s) and a "

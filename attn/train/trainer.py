@@ -110,8 +110,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     identity = config_identity.check(workdir, config, allow_change=allow_config_change)
     if lock is not None:
       hooks = (*hooks, lambda *_: lock.check())
-    model_cfg = config_lib.model_config(config)
-    from attn import models  # Deferred so that config errors surface before model imports.
+    model_cfg = config_lib.model_config(config)  # Config errors before the model imports.
+    from attn import models
 
     mesh = sharding_lib.make_mesh(config.mesh)
     axis_rules = sharding_lib.rules(config.mesh)
