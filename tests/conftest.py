@@ -29,14 +29,6 @@ import jax  # noqa: E402
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def fresh_jax_caches():
-  """Each test module's compiled programs are dropped after it: an xdist worker otherwise keeps
-  every program of its share of the suite (~5.5 GB per worker by the end, measured)."""
-  yield
-  jax.clear_caches()
-
-
 @pytest.fixture(scope="session")
 def gcs(tmp_path_factory):
   """A local GCS emulator for this session (tests/gcs.py); skips without the `gcs` extra."""
