@@ -48,7 +48,7 @@ from types import ModuleType
 from typing import Any
 
 from attn import provenance, storage
-from launch import grid, report, sweep
+from launch import grid, report, run_configs, sweep
 
 CLAIMS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reproductions")
 PASS, FAIL, INCOMPLETE, NOT_RUN = "pass", "fail", "incomplete", "not run"
@@ -359,8 +359,8 @@ def check_claim(name: str, path: str, workdir: str, *, seeds: int | None,
   module, arg = sweep.load_experiment(path)
   runs = sweep.plan(path, seeds=seeds)
   try:
-    moved, refusal = sweep.check_configs(module, arg, storage.join(workdir, name), runs, extra,
-                                         remedy=CHANGE_REMEDY)
+    moved, refusal = run_configs.check_configs(module, arg, storage.join(workdir, name), runs,
+                                               extra, remedy=CHANGE_REMEDY)
   except ValueError as e:
     raise ValueError(f"[{name}] {e}") from None
   if refusal:

@@ -41,7 +41,7 @@ import sys
 from collections.abc import Sequence
 
 from attn import storage
-from launch import sweep
+from launch import run_configs, sweep
 
 ENV_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
@@ -89,7 +89,7 @@ def sbatch_script(args: argparse.Namespace) -> str:
   if args.account:
     lines.append(f"#SBATCH --account={args.account}")
   # The log is a file: one line per logged step instead of a progress bar's carriage returns.
-  quiet = [f"--config.{s}" for s in sweep.QUIET]
+  quiet = [f"--config.{s}" for s in run_configs.QUIET]
   srun = ["srun", "--kill-on-bad-exit=1", *main_argv(args, args.python, quiet)]
   lines += ["# JAX detects the SLURM job (attn.train.distributed): every task runs the same",
             "# command, drives the GPU of its SLURM_LOCALID, and process 0 coordinates.",

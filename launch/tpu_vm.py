@@ -42,7 +42,7 @@ import time
 from collections.abc import Sequence
 
 from attn import storage
-from launch import grid, sweep
+from launch import grid, run_configs, sweep
 
 REMOTE_DIR = "~/attn"  # On every worker; the run's code and .venv live here.
 PYTHON = "3.11"  # The project's oldest supported Python; TPU VM images have 3.10.
@@ -195,7 +195,7 @@ def run_argv(args: argparse.Namespace) -> tuple[str, list[str]]:
   arg = grid.merge_arg(arg, point)
   argv = [".venv/bin/python", "-m", "experiments.main",
           "--config", path + (f":{arg}" if arg else ""), "--workdir", workdir,
-          *(f"--config.{s}" for s in sweep.QUIET),
+          *(f"--config.{s}" for s in run_configs.QUIET),
           *(f"--config.{k}={sweep.cli_value(v)}" for k, v in grid.config_overrides(point).items()),
           *(f"--config.{s}" for s in args.set)]
   name = name or os.path.splitext(os.path.basename(path))[0]

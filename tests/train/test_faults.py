@@ -21,7 +21,7 @@ import pytest
 
 from attn import train
 from attn.train import config_identity
-from launch import report, sweep
+from launch import report, run_configs, sweep
 from tests.train.conftest import REPO, lock_holder, losses, run_child, tiny_config
 
 
@@ -304,7 +304,7 @@ def test_sweep_checks_set_filter_and_changed_configs_before_starting(straight, t
   run_dir = run.workdir(root)
   os.makedirs(os.path.join(run_dir, "checkpoints", "10"))
   with open(os.path.join(run_dir, "config.json"), "w") as f:
-    json.dump({"config": config_identity.as_json(sweep.resolved_config(module, arg, run))}, f)
+    json.dump({"config": config_identity.as_json(run_configs.resolved_config(module, arg, run))}, f)
   shutil.copy(os.path.join(straight["workdir"], "summary.json"), run_dir)
   argv = ["--config", spec, "--workdir", root, "--filter", "norm=layernorm"]
   assert sweep.main([*argv, "--set", "optim.learning_rate=0.5"]) == 2
