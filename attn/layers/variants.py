@@ -236,15 +236,15 @@ class Performer(nn.Module):
                **kwargs: Any) -> Array:
     if self.has_rng("features") and not self.decode:  # a redraw (training)
       projection = performer.orthogonal_random_features(self.make_rng("features"),
-                                                     self.num_features, query.shape[-1])
+                                                        self.num_features, query.shape[-1])
     else:
       projection = seed_features(self.seed, self.num_features, query.shape[-1])
     return _recurrent(
         self, "performer", value, self.num_features, kwargs,
         lambda **kw: performer.performer_attention(query, key, value, projection, scale=scale,
-                                                chunk_size=self.chunk_size, **kw),
+                                                   chunk_size=self.chunk_size, **kw),
         lambda state: performer.performer_attention_step(query, key, value, projection, state,
-                                                      scale=scale, chunk_size=self.chunk_size))
+                                                         scale=scale, chunk_size=self.chunk_size))
 
 
 @registry.register(
